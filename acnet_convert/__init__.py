@@ -1,0 +1,6 @@
+"""acnet-convert: fuse trained ACNet checkpoints into plain-conv checkpoints."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["__version__"]

@@ -1,0 +1,102 @@
+"""What every checkpoint reader offers, whatever the file format.
+
+A reader indexes the file on open (names, dtypes, shapes, where the bytes are)
+and reads one tensor at a time on request, so a conversion never has to hold a
+whole checkpoint in memory. Names are the state-dict keys after the container
+has been unwrapped (``{'model': sd}``, ``module.`` prefixes, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from acnet_convert import dtypes
+
+__all__ = ["CheckpointReader", "Container", "TensorInfo"]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor's name, canonical dtype name (see :mod:`acnet_convert.dtypes`) and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtypes.itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class Container:
+    """How the state dict sat in the file, so a writer can put it back the same way.
+
+    ``wrapper_key`` is ``'model'`` or ``'state_dict'`` (None for a raw state
+    dict); ``prefix`` is what was stripped from every key (``'module.'``,
+    ``'_orig_mod.'``, or both); ``extras`` holds the other top-level entries
+    of plain data (``iteration``, ``epoch``, ...) in file order, and
+    ``dropped`` the names of the entries that hold more than plain data
+    (optimizer and scheduler state), which no writer puts back. ``wrapper_first``
+    records whether the state dict came before the extras.
+    """
+
+    wrapper_key: str | None = None
+    prefix: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
+    dropped: tuple[str, ...] = ()
+    keys_order: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return "raw state dict" if self.wrapper_key is None else f"{{'{self.wrapper_key}': state dict}}"
+
+
+class CheckpointReader(ABC):
+    """An open checkpoint: an ordered index of tensors plus one-at-a-time reads.
+
+    Subclasses fill ``tensors`` (ordered as in the file), ``container`` and
+    ``metadata`` on open, and raise :class:`~acnet_convert.errors.BadCheckpointError`
+    for anything unreadable, naming the file.
+    """
+
+    format: str = ""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tensors: dict[str, TensorInfo] = {}
+        self.container = Container()
+        self.metadata: dict[str, str] = {}
+
+    @abstractmethod
+    def read(self, name: str) -> np.ndarray:
+        """The tensor's elements as a C-contiguous array of its storage dtype.
+
+        bfloat16 comes back as uint16 bit patterns. The array may be a
+        read-only view into the file; copy it before changing it.
+        """
+
+    def close(self) -> None:  # noqa: B027 - readers without resources need nothing here
+        """Release the file."""
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

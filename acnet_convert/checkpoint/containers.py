@@ -1,0 +1,128 @@
+"""Finding the state dict inside what a training script saved.
+
+Handles a raw state dict, ``{'model': sd, ...}`` (upstream ACNet's engine),
+``{'state_dict': sd, ...}``, and the ``module.`` (DataParallel/DDP) and
+``_orig_mod.`` (torch.compile) prefixes, in any combination.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from acnet_convert.errors import BadCheckpointError
+
+from .base import Container
+
+__all__ = ["WRAPPER_KEYS", "is_plain_data", "strip_prefix", "unwrap"]
+
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def is_plain_data(value: Any, depth: int = 0) -> bool:
+    """True for None/bool/int/float/str and lists, tuples and str-keyed dicts of them."""
+    if depth > 32:
+        return False
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(is_plain_data(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and is_plain_data(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def strip_prefix(names: list[str], path: Path) -> tuple[str, list[str]]:
+    """Remove the ``module.``/``_orig_mod.`` prefixes shared by every name.
+
+    Returns the stripped prefix and the new names; refuses a checkpoint whose
+    names collide once stripped.
+    """
+    prefix = ""
+    current = names
+    changed = True
+    while changed and current:
+        changed = False
+        for p in _PREFIXES:
+            if all(n.startswith(p) for n in current):
+                prefix += p
+                current = [n[len(p) :] for n in current]
+                changed = True
+    if len(set(current)) != len(current):
+        seen: set[str] = set()
+        dup = next(n for n in current if n in seen or seen.add(n))  # type: ignore[func-returns-value]
+        raise BadCheckpointError(
+            f"{path}: key '{dup}' appears twice once the '{prefix}' prefix is removed; "
+            "the checkpoint mixes wrapped and unwrapped copies of the weights"
+        )
+    return prefix, current
+
+
+def unwrap(
+    obj: Any, path: Path, is_tensor: Callable[[Any], bool]
+) -> tuple[dict[str, Any], Container]:
+    """Find the state dict in a loaded .pth object.
+
+    Args:
+        obj: what the pickle held.
+        path: the file, for messages.
+        is_tensor: tells the reader's tensor objects apart from other values.
+
+    Returns:
+        The state dict (names stripped of prefixes, file order) and a
+        :class:`Container` describing the rest.
+
+    Raises:
+        BadCheckpointError: not a dict, no tensors, or non-tensor values
+            inside the state dict.
+    """
+    if not isinstance(obj, Mapping):
+        raise BadCheckpointError(
+            f"{path}: holds a {type(obj).__name__}, not a dict of tensors; "
+            "save the model's state_dict() instead of the model object"
+        )
+    wrapper = None
+    top_keys = [k for k in obj if isinstance(k, str)]
+    if not any(is_tensor(v) for v in obj.values()):
+        wrapper = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if wrapper is None:
+            raise BadCheckpointError(
+                f"{path}: no tensors at the top level and none under "
+                f"{', '.join(repr(k) for k in WRAPPER_KEYS)}; "
+                "is this a training checkpoint? Try 'acnet-convert inspect'"
+            )
+    sd: Mapping[Any, Any] = obj[wrapper] if wrapper is not None else obj
+    names: list[str] = []
+    values: list[Any] = []
+    for key, value in sd.items():
+        if not isinstance(key, str):
+            raise BadCheckpointError(f"{path}: state dict key {key!r} is not a string")
+        if not is_tensor(value):
+            raise BadCheckpointError(
+                f"{path}: state dict entry '{key}' is a {type(value).__name__}, not a tensor"
+            )
+        names.append(key)
+        values.append(value)
+    if not names:
+        raise BadCheckpointError(f"{path}: the state dict is empty")
+    prefix, stripped = strip_prefix(names, path)
+    extras: dict[str, Any] = {}
+    dropped: list[str] = []
+    if wrapper is not None:
+        for key in top_keys:
+            if key == wrapper:
+                continue
+            if is_plain_data(obj[key]):
+                extras[key] = obj[key]
+            else:
+                dropped.append(key)
+    container = Container(
+        wrapper_key=wrapper,
+        prefix=prefix,
+        extras=extras,
+        dropped=tuple(dropped),
+        keys_order=tuple(top_keys) if wrapper is not None else (),
+    )
+    return dict(zip(stripped, values)), container
