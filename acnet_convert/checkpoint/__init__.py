@@ -1,0 +1,119 @@
+"""Checkpoint files: one reader and one writer per format, chosen by content.
+
+>>> from acnet_convert.checkpoint import open_checkpoint   # doctest: +SKIP
+>>> with open_checkpoint(Path("train.safetensors")) as ckpt:  # doctest: +SKIP
+...     print(list(ckpt.tensors))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from acnet_convert.errors import UsageError
+
+from .base import CheckpointReader, Container, TensorInfo
+
+__all__ = [
+    "FORMATS",
+    "CheckpointReader",
+    "Container",
+    "TensorInfo",
+    "format_for_path",
+    "open_checkpoint",
+    "write_checkpoint",
+]
+
+FORMATS = ("pth", "hdf5", "safetensors")
+_EXTENSIONS = {
+    ".pth": "pth",
+    ".pt": "pth",
+    ".ckpt": "pth",
+    ".bin": "pth",
+    ".tar": "pth",
+    ".hdf5": "hdf5",
+    ".h5": "hdf5",
+    ".safetensors": "safetensors",
+}
+
+
+def format_for_path(path: Path, explicit: str | None = None) -> str:
+    """The output format: ``explicit`` if given, else from the extension."""
+    if explicit is not None:
+        if explicit not in FORMATS:
+            raise UsageError(f"unknown format '{explicit}'; choose one of {', '.join(FORMATS)}")
+        return explicit
+    fmt = _EXTENSIONS.get(path.suffix.lower())
+    if fmt is None:
+        raise UsageError(
+            f"cannot tell the output format from '{path.name}'; use an extension "
+            f"({', '.join(sorted(_EXTENSIONS))}) or --to {{{','.join(FORMATS)}}}"
+        )
+    return fmt
+
+
+def open_checkpoint(path: Path, *, trust_pickle: bool = False) -> CheckpointReader:
+    """Open a checkpoint of any supported format, detected from its content.
+
+    Raises:
+        BadCheckpointError: missing, unreadable, corrupt or unknown content.
+        UnsafeCheckpointError: a .pth that needs full unpickling while
+            ``trust_pickle`` is False.
+    """
+    from .sniff import sniff_format
+
+    kind = sniff_format(path)
+    if kind == "safetensors":
+        from .safetensors_io import SafetensorsReader
+
+        return SafetensorsReader(path)
+    if kind == "hdf5":
+        from .hdf5_io import Hdf5Reader
+
+        return Hdf5Reader(path)
+    from .pth import PthReader
+
+    return PthReader(path, trust_pickle=trust_pickle)
+
+
+def write_checkpoint(
+    path: Path,
+    fmt: str,
+    tensors: Sequence[TensorInfo],
+    produce: Callable[[str], np.ndarray],
+    *,
+    container: Container,
+    metadata: dict[str, str],
+    source: CheckpointReader | None = None,
+) -> None:
+    """Write ``tensors`` (values from ``produce``, called once each, in order) as ``fmt``.
+
+    The container (wrapper keys, ``module.`` prefix, plain extras) is kept
+    where the format can hold it; ``metadata`` goes where the format has room
+    (safetensors ``__metadata__``, HDF5 root attributes).
+    """
+    if fmt == "safetensors":
+        from .safetensors_io import write_safetensors
+
+        write_safetensors(path, tensors, produce, metadata, prefix=container.prefix)
+    elif fmt == "hdf5":
+        from .hdf5_io import write_hdf5
+
+        layout = getattr(source, "layout", "flat") if source is not None and source.format == "hdf5" else "flat"
+        write_hdf5(
+            path,
+            tensors,
+            produce,
+            metadata,
+            layout=layout,
+            prefix=container.prefix,
+            keras_attrs=getattr(source, "keras_attrs", None) if layout == "keras" else None,
+        )
+    elif fmt == "pth":
+        from .pth import write_pth
+
+        write_pth(path, tensors, produce, container)
+    else:
+        raise UsageError(f"unknown format '{fmt}'; choose one of {', '.join(FORMATS)}")

@@ -1,0 +1,159 @@
+"""What ``acnet-convert inspect`` reports: tensors, container, blocks and totals."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from acnet_convert.checkpoint import TensorInfo, open_checkpoint
+from acnet_convert.convert import FuseOptions, FusionPlan, plan_fusion
+from acnet_convert.errors import ACNetConvertError, UnfusableBlockError, UsageError
+
+__all__ = ["Inspection", "inspect_checkpoint", "render_inspection"]
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """A checkpoint's index and what fusing it would do.
+
+    ``plan`` is None when no block was found (a fused or plain checkpoint) or
+    the blocks are unusable; ``problem`` then says why, for the latter.
+    """
+
+    path: str
+    format: str
+    container: str
+    prefix: str
+    dropped: tuple[str, ...]
+    tensors: tuple[TensorInfo, ...]
+    listed: tuple[TensorInfo, ...]
+    metadata: dict[str, str]
+    plan: FusionPlan | None
+    problem: ACNetConvertError | None
+
+    def as_json(self) -> dict[str, Any]:
+        plan = self.plan
+        return {
+            "path": self.path,
+            "format": self.format,
+            "container": self.container,
+            "prefix": self.prefix,
+            "dropped_on_fuse": list(self.dropped),
+            "metadata": self.metadata,
+            "tensors": [
+                {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "numel": t.numel} for t in self.listed
+            ],
+            "totals": {
+                "tensors": len(self.tensors),
+                "params": sum(t.numel for t in self.tensors),
+                "bytes": sum(t.nbytes for t in self.tensors),
+                "params_after_fusing": plan.params_after if plan else None,
+                "bytes_after_fusing": plan.bytes_after if plan else None,
+            },
+            "dialect": plan.dialect.name if plan else None,
+            "blocks": [
+                {
+                    "block": b.spec.label,
+                    "kernel": [b.geometry.kernel, b.geometry.kernel],
+                    "hor": list(b.geometry.hor),
+                    "ver": list(b.geometry.ver),
+                    "out_channels": b.geometry.out_channels,
+                    "in_per_group": b.geometry.in_per_group,
+                    "dtype": b.geometry.dtype,
+                    "last_bn": b.geometry.has_last_bn,
+                    "affine": b.geometry.affine,
+                    "conv_bias": b.geometry.conv_bias,
+                    "becomes": [k for k, _ in b.outputs],
+                }
+                for b in (plan.blocks if plan else ())
+            ],
+            "problem": str(self.problem) if self.problem else None,
+        }
+
+
+def inspect_checkpoint(path: Path, options: FuseOptions, name_filter: str | None = None) -> Inspection:
+    """Index a checkpoint and plan (without running) its fusion.
+
+    Raises:
+        BadCheckpointError: the file cannot be read.
+        UsageError: a bad ``name_filter`` regex or option.
+    """
+    try:
+        pattern = re.compile(name_filter) if name_filter else None
+    except re.error as err:
+        raise UsageError(f"--filter '{name_filter}': bad regular expression: {err}") from err
+    with open_checkpoint(path, trust_pickle=options.trust_pickle) as reader:
+        tensors = tuple(reader.tensors.values())
+        plan: FusionPlan | None = None
+        problem: ACNetConvertError | None = None
+        try:
+            plan = plan_fusion(reader, options)
+        except UnfusableBlockError as err:
+            if "no ACNet block found" not in str(err):
+                problem = err
+        return Inspection(
+            path=str(path),
+            format=reader.format,
+            container=reader.container.kind,
+            prefix=reader.container.prefix,
+            dropped=reader.container.dropped,
+            tensors=tensors,
+            listed=tuple(t for t in tensors if pattern is None or pattern.search(t.name)),
+            metadata=dict(reader.metadata),
+            plan=plan,
+            problem=problem,
+        )
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def render_inspection(result: Inspection, console: Any) -> None:
+    """Print an :class:`Inspection` as rich tables."""
+    from rich.table import Table
+
+    head = f"{result.path}: {result.format}, {result.container}"
+    if result.prefix:
+        head += f", keys prefixed '{result.prefix}'"
+    console.print(head)
+    if result.dropped:
+        console.print(f"other entries (dropped on fuse): {', '.join(result.dropped)}")
+    table = Table(title=f"{len(result.listed)} of {len(result.tensors)} tensors")
+    table.add_column("name", overflow="fold")
+    table.add_column("shape")
+    table.add_column("dtype")
+    table.add_column("elements", justify="right")
+    for t in result.listed:
+        table.add_row(t.name, _shape(t.shape), t.dtype, f"{t.numel:,}")
+    console.print(table)
+    params = sum(t.numel for t in result.tensors)
+    nbytes = sum(t.nbytes for t in result.tensors)
+    plan = result.plan
+    if plan is None:
+        if result.problem is None:
+            console.print("no ACNet blocks found: the checkpoint looks fused or plain already")
+        console.print(f"total: {params:,} parameters, {nbytes:,} bytes")
+        return
+    blocks = Table(title=f"{len(plan.blocks)} blocks ({plan.dialect.name} dialect, eps {plan.eps:g})")
+    for col in ("block", "kernel", "1xk", "kx1", "channels", "last_bn", "affine", "becomes"):
+        blocks.add_column(col, overflow="fold")
+    for b in plan.blocks:
+        g = b.geometry
+        blocks.add_row(
+            b.spec.label,
+            f"{g.kernel}x{g.kernel}",
+            f"{g.hor[0]}x{g.hor[1]}",
+            f"{g.ver[0]}x{g.ver[1]}",
+            f"{g.in_per_group}->{g.out_channels}",
+            "yes" if g.has_last_bn else "no",
+            "yes" if g.affine else "no",
+            ", ".join(k for k, _ in b.outputs),
+        )
+    console.print(blocks)
+    console.print(
+        f"total: {params:,} parameters, {nbytes:,} bytes now; "
+        f"{plan.params_after:,} parameters, {plan.bytes_after:,} bytes after fusing"
+    )
