@@ -39,6 +39,10 @@ def atomic_output(destination: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        # mkstemp creates the file private (0600); give it the mode a new file gets here.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         _fsync_path(tmp)
         os.replace(tmp, destination)
     except BaseException:

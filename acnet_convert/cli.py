@@ -39,7 +39,11 @@ def _stderr() -> Any:
 def _stdout() -> Any:
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        # Piped into a file or grep: keep long key names on one line.
+        console = Console(highlight=False, width=200)
+    return console
 
 
 def _emit_json(data: Any) -> None:
@@ -173,10 +177,7 @@ def fuse(
     """
     options = _fuse_options(eps, no_check, layout, dialect, patterns, rename, trust_pickle)
     if out_dir is not None:
-        from acnet_convert.batch import fuse_many
-
-        code = fuse_many(paths, out_dir, to_format, options, force=force, jobs=jobs, quiet=quiet, as_json=as_json)
-        sys.exit(code)
+        sys.exit(_fuse_batch(paths, out_dir, to_format, options, force, jobs, quiet, as_json))
     if len(paths) != 2:
         raise UsageError("fuse takes CKPT OUT (or several CKPTs with --out-dir DIR)")
     source, output = paths
@@ -204,6 +205,59 @@ def fuse(
         err.print(_summary(report))
     if as_json:
         _emit_json(report.as_json())
+
+
+def _fuse_batch(
+    paths: Sequence[Path],
+    out_dir: Path,
+    to_format: str | None,
+    options: Any,
+    force: bool,
+    jobs: int,
+    quiet: bool,
+    as_json: bool,
+) -> int:
+    from acnet_convert.batch import expand_inputs, fuse_many
+
+    sources = expand_inputs(paths)
+    err = _stderr()
+    show = not quiet
+
+    def done(item: Any) -> None:
+        if not show:
+            return
+        if item.error:
+            err.print(f"[bold red]failed:[/] {_escape(item.error)}")
+        else:
+            err.print(f"ok: {_escape(item.source)} -> {_escape(item.output)}")
+
+    if show and err.is_terminal and len(sources) > 1:
+        from rich.progress import Progress
+
+        with Progress(console=err, transient=True) as bar:
+            task = bar.add_task("fusing", total=len(sources))
+
+            def tick(item: Any) -> None:
+                done(item)
+                bar.advance(task)
+
+            items = fuse_many(sources, out_dir, to_format, options, force=force, jobs=jobs, on_done=tick)
+    else:
+        items = fuse_many(sources, out_dir, to_format, options, force=force, jobs=jobs, on_done=done)
+    failed = [i for i in items if i.exit_code != 0]
+    if show:
+        err.print(f"{len(items) - len(failed)} of {len(items)} checkpoints fused into {out_dir}")
+    if as_json:
+        _emit_json(
+            {
+                "out_dir": str(out_dir),
+                "results": [
+                    {"source": i.source, "output": i.output, "exit_code": i.exit_code, "error": i.error, "report": i.report}
+                    for i in items
+                ],
+            }
+        )
+    return max((i.exit_code for i in items), default=0)
 
 
 def _dry_run(source: Path, output: Path, fmt: str, options: Any, as_json: bool) -> None:

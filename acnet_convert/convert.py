@@ -477,9 +477,14 @@ def _confirm_written(
     """Read the written file back and compare every tensor with what was meant."""
     try:
         with open_checkpoint(tmp) as written:
-            got = list(written.tensors.values())
-            if [(t.name, t.dtype, t.shape) for t in got] != [(t.name, t.dtype, t.shape) for t in expected]:
-                raise BadCheckpointError(f"{output}: the written file does not list the expected tensors")
+            # HDF5 lists datasets by name, not in writing order: compare as mappings.
+            got = {t.name: (t.dtype, t.shape) for t in written.tensors.values()}
+            want = {t.name: (t.dtype, t.shape) for t in expected}
+            if got != want:
+                differ = sorted(set(got.items()) ^ set(want.items()))
+                raise BadCheckpointError(
+                    f"{output}: the written file does not list the expected tensors (first difference: {differ[0][0]})"
+                )
             for info in expected:
                 if _raw_bytes(written.read(info.name)) != _raw_bytes(produce(info.name)):
                     raise BadCheckpointError(f"{output}: tensor '{info.name}' did not land intact")
