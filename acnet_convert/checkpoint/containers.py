@@ -7,6 +7,7 @@ Handles a raw state dict, ``{'model': sd, ...}`` (upstream ACNet's engine),
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ __all__ = ["WRAPPER_KEYS", "is_plain_data", "strip_prefix", "unwrap"]
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
 _PREFIXES = ("module.", "_orig_mod.")
+# Entries that describe training-time parameters by position; meaningless after fusing.
+_TRAINING_STATE = re.compile(r"optim|sched|scaler|ema|swa", re.IGNORECASE)
 
 
 def is_plain_data(value: Any, depth: int = 0) -> bool:
@@ -114,7 +117,7 @@ def unwrap(
         for key in top_keys:
             if key == wrapper:
                 continue
-            if is_plain_data(obj[key]):
+            if is_plain_data(obj[key]) and not _TRAINING_STATE.search(key):
                 extras[key] = obj[key]
             else:
                 dropped.append(key)
