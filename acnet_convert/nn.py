@@ -1,0 +1,446 @@
+"""The asymmetric convolution block as a torch module, and its switch to deploy form.
+
+:class:`ACBlock` is a drop-in for :class:`torch.nn.Conv2d` whose state-dict names
+match upstream ACNet's ``acnet/acb.py`` (``square_conv``, ``square_bn``,
+``hor_conv``, ``hor_bn``, ``ver_conv``, ``ver_bn``, optional ``last_bn``; in
+deploy form ``fused_conv``), so checkpoints move between upstream code, this
+package and the command line.
+
+Its forward pass keeps the 1-D branches centre-aligned with the square window
+in every geometry ``nn.Conv2d`` accepts, where upstream's does not: with a
+padding smaller than ``dilation * (k // 2)`` the 1-D branches see a cropped
+input, and with dilation the crop/pad amount scales with the dilation. Every
+padding mode works, because padding by ``p`` and then cropping ``c`` equals
+padding by ``p - c`` for zeros, reflect, replicate and circular padding alike.
+
+Fusion itself is :func:`acnet_convert.fusion.fuse_block` (float64 numpy); this
+module only moves tensors in and out of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from acnet_convert.errors import UnfusableBlockError, UsageError
+from acnet_convert.fusion import BlockTensors, BNStats, Branch, fuse_block
+
+__all__ = [
+    "ACBlock",
+    "DeployReport",
+    "block_tensors_from_module",
+    "find_acblocks",
+    "switch_to_deploy",
+]
+
+PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
+_PADDING_MODES: tuple[PaddingMode, ...] = ("zeros", "reflect", "replicate", "circular")
+_BRANCH_CONVS = ("square_conv", "hor_conv", "ver_conv")
+_BRANCH_BNS = {"square_conv": "square_bn", "hor_conv": "hor_bn", "ver_conv": "ver_bn"}
+
+
+def _pair(value: int | tuple[int, ...], what: str) -> tuple[int, int]:
+    """``v`` -> ``(v, v)``; a pair stays a pair; anything else is a UsageError."""
+    if isinstance(value, bool):
+        raise UsageError(f"ACBlock: {what} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        return value, value
+    if (
+        isinstance(value, tuple | list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        return int(value[0]), int(value[1])
+    raise UsageError(f"ACBlock: {what} must be an int or a pair of ints, got {value!r}")
+
+
+def _kernel_size(value: int | tuple[int, ...]) -> int:
+    """The one side of a square, odd kernel of at least 3."""
+    kh, kw = _pair(value, "kernel_size")
+    if kh != kw or kh < 3 or kh % 2 == 0:
+        raise UsageError(
+            f"ACBlock: kernel_size must be a square, odd size of at least 3, got {value!r}; "
+            "use nn.Conv2d for 1x1 and even kernels"
+        )
+    return kh
+
+
+class ACBlock(nn.Module):
+    """A kxk conv trained as three BN'd branches (kxk, 1xk, kx1), fusable into one conv.
+
+    Args mirror :class:`torch.nn.Conv2d` (``kernel_size`` odd and >= 3, no
+    ``bias``: the BNs supply it), plus upstream's ``deploy`` and ``use_affine``
+    (affine branch BNs), ``use_last_bn`` (a BN after the sum, as in 2020-era
+    upstream) and ``eps`` for every BN. ``padding`` may also be ``"valid"`` or
+    ``"same"`` (stride 1 only).
+
+    Raises:
+        UsageError: for a geometry nn.Conv2d would refuse or an ACB cannot have.
+
+    >>> block = ACBlock(8, 16, 3, padding=1).eval()
+    >>> y = block(torch.randn(1, 8, 10, 10)); block.switch_to_deploy()
+    >>> sorted(block.state_dict())
+    ['fused_conv.bias', 'fused_conv.weight']
+    """
+
+    last_bn: nn.BatchNorm2d | None
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: int | tuple[int, ...] | str = 0,
+        dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        deploy: bool = False,
+        use_affine: bool = True,
+        use_last_bn: bool = False,
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        k = _kernel_size(kernel_size)
+        stride_ = _pair(stride, "stride")
+        dilation_ = _pair(dilation, "dilation")
+        if isinstance(padding, str):
+            if padding == "valid":
+                padding_ = (0, 0)
+            elif padding == "same" and stride_ == (1, 1):
+                padding_ = (dilation_[0] * (k // 2), dilation_[1] * (k // 2))
+            else:
+                raise UsageError(
+                    f"ACBlock: padding={padding!r} is not supported; give 'valid', "
+                    "'same' (stride 1 only) or an int"
+                )
+        else:
+            padding_ = _pair(padding, "padding")
+        if min(stride_) < 1 or min(dilation_) < 1 or min(padding_) < 0:
+            raise UsageError(
+                f"ACBlock: stride {stride_} and dilation {dilation_} must be >= 1 and "
+                f"padding {padding_} >= 0"
+            )
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise UsageError(
+                f"ACBlock: in_channels={in_channels} and out_channels={out_channels} "
+                f"must both be divisible by groups={groups}"
+            )
+        if padding_mode not in _PADDING_MODES:
+            raise UsageError(
+                f"ACBlock: padding_mode={padding_mode!r} is not one of {', '.join(_PADDING_MODES)}"
+            )
+
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = k
+        self.stride = stride_
+        self.padding = padding_
+        self.dilation = dilation_
+        self.groups = groups
+        self.padding_mode: PaddingMode = padding_mode
+        self.deploy = deploy
+        # Offset of the centre row/column from the square window's top/left edge.
+        centre = (dilation_[0] * (k // 2), dilation_[1] * (k // 2))
+        # Where the padding is smaller than that offset, the 1-D branch crops instead.
+        self._hor_crop = max(0, centre[0] - padding_[0])
+        self._ver_crop = max(0, centre[1] - padding_[1])
+
+        if deploy:
+            self.fused_conv = self._square_geometry_conv(bias=True)
+            self.register_module("last_bn", None)
+            return
+
+        def conv(kernel: tuple[int, int], pad: tuple[int, int]) -> nn.Conv2d:
+            return nn.Conv2d(
+                in_channels, out_channels, kernel, stride=stride_, padding=pad,
+                dilation=dilation_, groups=groups, bias=False, padding_mode=self.padding_mode,
+            )  # fmt: skip
+
+        def bn(affine: bool) -> nn.BatchNorm2d:
+            return nn.BatchNorm2d(out_channels, eps=eps, affine=affine)
+
+        self.square_conv = conv((k, k), padding_)
+        self.square_bn = bn(use_affine)
+        # Registration order follows upstream acb.py: ver before hor.
+        self.ver_conv = conv((k, 1), (padding_[0], max(0, padding_[1] - centre[1])))
+        self.hor_conv = conv((1, k), (max(0, padding_[0] - centre[0]), padding_[1]))
+        self.ver_bn = bn(use_affine)
+        self.hor_bn = bn(use_affine)
+        # Upstream's last_bn is always affine.
+        self.register_module("last_bn", bn(True) if use_last_bn else None)
+
+    def _square_geometry_conv(self, bias: bool) -> nn.Conv2d:
+        k = self.kernel_size
+        return nn.Conv2d(
+            self.in_channels, self.out_channels, (k, k), stride=self.stride,
+            padding=self.padding, dilation=self.dilation, groups=self.groups, bias=bias,
+            padding_mode=self.padding_mode,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        """The nn.Conv2d-style geometry, for ``print(model)``."""
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"groups={self.groups}, padding_mode={self.padding_mode!r}, deploy={self.deploy}"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The sum of the three BN'd branches (training form) or the fused conv (deploy)."""
+        if self.deploy:
+            fused: Tensor = self.fused_conv(x)
+            return fused
+        out: Tensor = self.square_bn(self.square_conv(x))
+        hor_in = x
+        if self._hor_crop:
+            hor_in = x.narrow(2, self._hor_crop, x.shape[2] - 2 * self._hor_crop)
+        ver_in = x
+        if self._ver_crop:
+            ver_in = x.narrow(3, self._ver_crop, x.shape[3] - 2 * self._ver_crop)
+        out = out + self.hor_bn(self.hor_conv(hor_in))
+        out = out + self.ver_bn(self.ver_conv(ver_in))
+        if self.last_bn is not None:
+            out = self.last_bn(out)
+        return out
+
+    def get_equivalent_kernel_bias(self, name: str = "") -> tuple[Tensor, Tensor]:
+        """The fused kernel and bias, in the square conv's dtype and device.
+
+        ``name`` (the block's name in its model) only labels error messages.
+
+        Raises:
+            UnfusableBlockError: for a block already in deploy form, or one whose
+                BNs keep no running statistics or hold non-finite values.
+        """
+        if self.deploy:
+            raise UnfusableBlockError(
+                f"{_where(self, name)} is already in deploy form; nothing to fuse"
+            )
+        return _fused_tensors(self, name)
+
+    def switch_to_deploy(self, name: str = "") -> None:
+        """Replace the branches by ``fused_conv`` in place; a no-op in deploy form.
+
+        ``name`` (the block's name in its model) only labels error messages.
+        """
+        if self.deploy:
+            return
+        kernel, bias = self.get_equivalent_kernel_bias(name)
+        fused = self._square_geometry_conv(bias=True).to(device=kernel.device, dtype=kernel.dtype)
+        _copy_into(fused, kernel, bias)
+        for attr in ("square_conv", "square_bn", "hor_conv", "hor_bn", "ver_conv", "ver_bn"):
+            delattr(self, attr)
+        self.last_bn = None
+        self.fused_conv = fused
+        self.deploy = True
+
+
+def _copy_into(conv: nn.Conv2d, kernel: Tensor, bias: Tensor) -> None:
+    if conv.bias is None:  # pragma: no cover - every fused conv is built with a bias
+        raise UnfusableBlockError("internal error: fused conv built without a bias")
+    with torch.no_grad():
+        conv.weight.copy_(kernel)
+        conv.bias.copy_(bias)
+
+
+@dataclass(frozen=True)
+class DeployReport:
+    """What :func:`switch_to_deploy` converted: how many blocks, and their module names."""
+
+    count: int
+    names: tuple[str, ...]
+
+
+def find_acblocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every training-form block in ``model``: a module with square, hor and ver convs.
+
+    Blocks are found by structure, so upstream's ``ACBlock`` (any era that uses
+    these names) counts as well as this package's.
+
+    >>> net = nn.Sequential(ACBlock(3, 4, 3, padding=1), nn.ReLU())
+    >>> [name for name, _ in find_acblocks(net)]
+    ['0']
+    """
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if all(isinstance(getattr(module, attr, None), nn.Module) for attr in _BRANCH_CONVS)
+    ]
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    return t.detach().to(device="cpu", dtype=torch.float64).numpy()
+
+
+def _bn_stats(bn: object, where: str, eps: float | None) -> BNStats:
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise UnfusableBlockError(f"{where} is a {type(bn).__name__}, not a BatchNorm")
+    if bn.running_mean is None or bn.running_var is None:
+        raise UnfusableBlockError(
+            f"{where} keeps no running statistics (track_running_stats=False), so it "
+            "normalises with batch statistics and cannot be folded into a conv"
+        )
+    return BNStats(
+        mean=_numpy(bn.running_mean),
+        var=_numpy(bn.running_var),
+        weight=_numpy(bn.weight) if bn.weight is not None else None,
+        bias=_numpy(bn.bias) if bn.bias is not None else None,
+        eps=float(bn.eps if eps is None else eps),
+    )
+
+
+def _where(module: nn.Module, name: str) -> str:
+    return f"block '{name}'" if name else f"{type(module).__name__} block"
+
+
+def block_tensors_from_module(
+    module: nn.Module, eps: float | None = None, name: str = ""
+) -> BlockTensors:
+    """The float64 :class:`~acnet_convert.fusion.BlockTensors` of a training-form block.
+
+    ``module`` needs ``square_conv``, ``hor_conv`` and ``ver_conv`` (each with a
+    ``weight`` and optional ``bias``), normally ``square_bn``, ``hor_bn`` and
+    ``ver_bn``, and optionally ``last_bn``. A branch without its BN is taken as
+    it is. The 1-D branches are told apart by their kernel shapes, not their
+    names, and may be shorter than the square (legacy 1x3/3x1 on a 5x5 square).
+
+    Args:
+        module: the block (upstream's ACBlock, this package's, or a look-alike).
+        eps: overrides every BN's own ``eps`` when given.
+        name: the block's name in its model, for error messages.
+
+    Raises:
+        UnfusableBlockError: a missing conv, inconsistent shapes or geometry, or a
+            BN without running statistics; the message names the block.
+
+    >>> t = block_tensors_from_module(ACBlock(2, 4, 3, padding=1))
+    >>> t.square.weight.shape, [b.weight.shape for b in t.others]
+    ((4, 2, 3, 3), [(4, 2, 1, 3), (4, 2, 3, 1)])
+    """
+    where = _where(module, name)
+    branches: list[Branch] = []
+    geometry: dict[str, tuple[object, ...]] = {}
+    for conv_name in _BRANCH_CONVS:
+        conv = getattr(module, conv_name, None)
+        weight = getattr(conv, "weight", None)
+        if not isinstance(conv, nn.Module) or not isinstance(weight, Tensor) or weight.dim() != 4:
+            raise UnfusableBlockError(
+                f"{where}: '{conv_name}' is missing or has no 4-D weight; is it already fused?"
+            )
+        bias = getattr(conv, "bias", None)
+        bn_name = _BRANCH_BNS[conv_name]
+        bn = getattr(module, bn_name, None)
+        stats = _bn_stats(bn, f"{where}: '{bn_name}'", eps) if bn is not None else None
+        if stats is not None and stats.mean.shape != (weight.shape[0],):
+            raise UnfusableBlockError(
+                f"{where}: '{bn_name}' has {stats.mean.shape[0]} channels but "
+                f"'{conv_name}' has {weight.shape[0]} outputs"
+            )
+        branches.append(
+            Branch(_numpy(weight), _numpy(bias) if isinstance(bias, Tensor) else None, stats)
+        )
+        geometry[conv_name] = tuple(
+            getattr(conv, attr, None) for attr in ("stride", "groups", "padding_mode")
+        )
+    last = getattr(module, "last_bn", None)
+    last_stats = _bn_stats(last, f"{where}: 'last_bn'", eps) if last is not None else None
+
+    square, *others = branches
+    out_ch, in_ch, k, kw = square.weight.shape
+    if k != kw:
+        raise UnfusableBlockError(f"{where}: 'square_conv' kernel {k}x{kw} is not square")
+    for conv_name, branch in zip(_BRANCH_CONVS[1:], others, strict=True):
+        o, i, h, w = branch.weight.shape
+        if (o, i) != (out_ch, in_ch) or h > k or w > k or (k - h) % 2 or (k - w) % 2:
+            raise UnfusableBlockError(
+                f"{where}: '{conv_name}' weight {tuple(branch.weight.shape)} does not fit "
+                f"centred in 'square_conv' weight {tuple(square.weight.shape)}"
+            )
+        if geometry[conv_name] != geometry["square_conv"]:
+            raise UnfusableBlockError(
+                f"{where}: '{conv_name}' has stride/groups/padding_mode "
+                f"{geometry[conv_name]} but 'square_conv' has {geometry['square_conv']}"
+            )
+    if last_stats is not None and last_stats.mean.shape != (out_ch,):
+        raise UnfusableBlockError(
+            f"{where}: 'last_bn' has {last_stats.mean.shape[0]} channels, expected {out_ch}"
+        )
+    return BlockTensors(square=square, others=tuple(others), last_bn=last_stats)
+
+
+def _fused_tensors(module: nn.Module, name: str) -> tuple[Tensor, Tensor]:
+    """Fuse ``module`` in float64; return kernel and bias like its square conv's weight."""
+    kernel, bias = fuse_block(block_tensors_from_module(module, name=name))
+    if not (np.all(np.isfinite(kernel)) and np.all(np.isfinite(bias))):
+        raise UnfusableBlockError(
+            f"{_where(module, name)}: the fused kernel is not finite; check the BNs' running_var "
+            "and eps for non-positive or non-finite values"
+        )
+    like = getattr(module.square_conv, "weight", None)
+    if not isinstance(like, Tensor):  # pragma: no cover - checked by block_tensors_from_module
+        raise UnfusableBlockError(f"{_where(module, name)}: 'square_conv' has no weight")
+    return (
+        torch.from_numpy(kernel).to(device=like.device, dtype=like.dtype),
+        torch.from_numpy(bias).to(device=like.device, dtype=like.dtype),
+    )
+
+
+def _deploy_block_like(module: nn.Module, name: str) -> ACBlock:
+    """An ACBlock in deploy form with the geometry of a foreign block's square conv."""
+    square = module.square_conv
+    if not isinstance(square, nn.Conv2d):
+        raise UnfusableBlockError(f"block '{name}': 'square_conv' is not an nn.Conv2d")
+    padding = square.padding
+    if isinstance(padding, str):
+        raise UnfusableBlockError(f"block '{name}': string padding {padding!r} is not supported")
+    kernel, bias = _fused_tensors(module, name)
+    block = ACBlock(
+        square.in_channels, square.out_channels, square.kernel_size, stride=square.stride,
+        padding=padding, dilation=square.dilation, groups=square.groups,
+        padding_mode=square.padding_mode, deploy=True,
+    )  # fmt: skip
+    block.to(device=kernel.device, dtype=kernel.dtype)
+    _copy_into(block.fused_conv, kernel, bias)
+    return block
+
+
+def switch_to_deploy(model: nn.Module) -> DeployReport:
+    """Fuse every training-form block of ``model`` in place.
+
+    This package's :class:`ACBlock` switches itself; any other module found by
+    :func:`find_acblocks` (upstream's ACBlock, for instance) is replaced in its
+    parent by an :class:`ACBlock` in deploy form, which has the same state-dict
+    names (``<block>.fused_conv.weight``/``.bias``) and computes the same thing.
+    The fused weights are computed in float64 by
+    :func:`acnet_convert.fusion.fuse_block` from the BNs' running statistics
+    (eval-mode semantics) and cast back to each block's dtype and device.
+
+    Raises:
+        UnfusableBlockError: for a block that cannot be fused; nothing after it
+            is converted.
+        UsageError: when ``model`` itself is a foreign block (wrap it first).
+
+    >>> net = nn.Sequential(ACBlock(3, 4, 3, padding=1))
+    >>> switch_to_deploy(net)
+    DeployReport(count=1, names=('0',))
+    """
+    names: list[str] = []
+    for name, module in find_acblocks(model):
+        if isinstance(module, ACBlock):
+            module.switch_to_deploy(name)
+        elif not name:
+            raise UsageError(
+                f"the model itself is a {type(module).__name__} block; wrap it in a "
+                "container (e.g. nn.Sequential) so it can be replaced"
+            )
+        else:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            parent.register_module(child, _deploy_block_like(module, name))
+        names.append(name)
+    return DeployReport(count=len(names), names=tuple(names))
