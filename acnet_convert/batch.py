@@ -89,10 +89,10 @@ def fuse_many(
     if not sources:
         raise UsageError("no input files given")
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = [p.name for p in sources]
+    names = [p.stem if to_format else p.name for p in sources]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
-        raise UsageError(f"two inputs are named '{dup}'; their outputs would collide in {out_dir}")
+        raise UsageError(f"two inputs would both be written as '{dup}' in {out_dir}; fuse them into separate folders")
     results: dict[int, BatchItem] = {}
     for index, item in _run(sources, out_dir, to_format, options, force, jobs):
         results[index] = item

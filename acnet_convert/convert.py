@@ -321,7 +321,7 @@ def _block_values(
         "bn_var": np.repeat(_identity_var(eps, g.dtype), g.out_channels),
         "bn_count": count if count is not None else np.zeros((), dtype=np.int64),
     }
-    return {key: np.ascontiguousarray(stored[role]) for key, role in block.outputs}
+    return {key: np.asarray(stored[role], order="C") for key, role in block.outputs}
 
 
 def fuse_checkpoint(

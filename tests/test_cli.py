@@ -1,0 +1,238 @@
+"""The command line: every option of fuse and inspect, and the exit-code contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from acnet_convert import convert
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def test_fuse_writes_json_report(tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "out.safetensors"
+    result = run_cli("fuse", FIXTURES / "cifar_quick.pth", out, "--json")
+    report = json.loads(result.stdout)
+    assert report["blocks_fused"] == 2
+    assert report["format_in"] == "pth" and report["format_out"] == "safetensors"
+    assert report["params_after"] < report["params_before"]
+    assert all(b["check"]["passed"] for b in report["blocks"])
+    assert "fused 2 blocks" in result.stderr
+
+
+def test_to_overrides_the_extension(tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "out.bin"
+    run_cli("fuse", FIXTURES / "cifar_quick.hdf5", out, "--to", "safetensors")
+    assert out.read_bytes()[8:9] == b"{"
+
+
+def test_unknown_output_extension_is_a_usage_error(tmp_path: Path, run_cli) -> None:
+    result = run_cli("fuse", FIXTURES / "cifar_quick.pth", tmp_path / "out.xyz", expect=2)
+    assert "--to" in result.stderr
+
+
+def test_existing_output_needs_force(tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "out.pth"
+    out.write_bytes(b"precious")
+    result = run_cli("fuse", FIXTURES / "cifar_quick.pth", out, expect=2)
+    assert "--force" in result.stderr
+    assert out.read_bytes() == b"precious"
+    run_cli("fuse", FIXTURES / "cifar_quick.pth", out, "--force")
+    assert out.read_bytes() != b"precious"
+
+
+def test_output_equal_to_input_is_refused(tmp_path: Path, run_cli) -> None:
+    src = tmp_path / "m.pth"
+    src.write_bytes((FIXTURES / "cifar_quick.pth").read_bytes())
+    result = run_cli("fuse", src, src, "--force", expect=2)
+    assert "overwrite the input" in result.stderr
+
+
+def test_missing_output_folder_is_a_usage_error(tmp_path: Path, run_cli) -> None:
+    result = run_cli("fuse", FIXTURES / "cifar_quick.pth", tmp_path / "nope" / "o.pth", expect=2)
+    assert "does not exist" in result.stderr
+
+
+def test_fused_checkpoint_has_no_blocks(tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "o.pth"
+    run_cli("fuse", FIXTURES / "cifar_quick.pth", out)
+    result = run_cli("fuse", out, tmp_path / "again.pth", expect=3)
+    assert "no ACNet block found" in result.stderr and "inspect" in result.stderr
+    assert not (tmp_path / "again.pth").exists()
+
+
+def test_check_failure_exits_1_and_writes_nothing(tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = convert.fuse_block
+
+    def broken(block):  # type: ignore[no-untyped-def]
+        w, b = real(block)
+        w = w.copy()
+        w[0, 0, 0, 0] += 0.01
+        return w, b
+
+    monkeypatch.setattr(convert, "fuse_block", broken)
+    out = tmp_path / "o.safetensors"
+    result = run_cli("fuse", FIXTURES / "cifar_quick.pth", out, expect=1)
+    assert "conv1.acb" in result.stderr and "nothing was written" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+    # --no-check writes whatever the fusion produced
+    run_cli("fuse", FIXTURES / "cifar_quick.pth", out, "--no-check")
+    assert out.exists()
+
+
+def test_eps_changes_the_result(tmp_path: Path, run_cli) -> None:
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    run_cli("fuse", FIXTURES / "cifar_quick.pth", a)
+    run_cli("fuse", FIXTURES / "cifar_quick.pth", b, "--eps", "1e-3")
+    from safetensors.numpy import load_file
+
+    wa, wb = load_file(str(a)), load_file(str(b))
+    key = "conv1.acb.fused_conv.weight"
+    assert not np.array_equal(wa[key], wb[key])
+
+
+def test_negative_eps_is_a_usage_error(tmp_path: Path, run_cli) -> None:
+    run_cli("fuse", FIXTURES / "cifar_quick.pth", tmp_path / "o.pth", "--eps", "-1", expect=2)
+
+
+def test_dry_run_writes_nothing_and_shows_renames(tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "o.pth"
+    result = run_cli(
+        "fuse", FIXTURES / "resnet_like.pth", out, "--dry-run", "--json", "--rename", r"^stage1\.0\.=layer1.0."
+    )
+    plan = json.loads(result.stdout)
+    assert not out.exists()
+    assert "layer1.0.conv1.acb.fused_conv.weight" in plan["outputs"]
+    assert {"from": "stage1.0.shortcut.0.weight", "to": "layer1.0.shortcut.0.weight"} in plan["renamed"]
+    human = run_cli("fuse", FIXTURES / "resnet_like.pth", out, "--dry-run")
+    assert "nothing written" in human.stdout
+
+
+def test_rename_applies_to_written_keys(tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "o.pth"
+    run_cli("fuse", FIXTURES / "resnet_like.pth", out, "--rename", r"\.acb\.fused_conv=.fused")
+    sd = torch.load(out, weights_only=True)
+    assert "stage1.0.conv1.fused.weight" in sd
+
+
+def test_colliding_renames_are_refused(tmp_path: Path, run_cli) -> None:
+    result = run_cli("fuse", FIXTURES / "resnet_like.pth", tmp_path / "o.pth", "--rename", ".*=x", expect=2)
+    assert "written twice" in result.stderr
+
+
+def test_bad_rename_syntax(tmp_path: Path, run_cli) -> None:
+    run_cli("fuse", FIXTURES / "resnet_like.pth", tmp_path / "o.pth", "--rename", "noequals", expect=2)
+    run_cli("fuse", FIXTURES / "resnet_like.pth", tmp_path / "o.pth", "--rename", "(=x", expect=2)
+
+
+def test_baseline_layout_identity_bn_reproduces_fused_conv(tmp_path: Path, run_cli) -> None:
+    deploy, base = tmp_path / "d.pth", tmp_path / "b.pth"
+    run_cli("fuse", FIXTURES / "resnet_like.pth", deploy)
+    run_cli("fuse", FIXTURES / "resnet_like.pth", base, "--layout", "baseline")
+    d, b = torch.load(deploy, weights_only=True), torch.load(base, weights_only=True)
+    u = "stage1.0.conv1."
+    assert {k for k in b if k.startswith(u)} == {
+        u + "conv.weight", u + "bn.weight", u + "bn.bias", u + "bn.running_mean", u + "bn.running_var",
+        u + "bn.num_batches_tracked",
+    }
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False)
+    bn = torch.nn.BatchNorm2d(16).eval()
+    conv.load_state_dict({"weight": b[u + "conv.weight"]})
+    bn.load_state_dict({k[len(u) + 3 :]: v for k, v in b.items() if k.startswith(u + "bn.")})
+    fused = torch.nn.Conv2d(8, 16, 3, padding=1)
+    fused.load_state_dict({"weight": d[u + "acb.fused_conv.weight"], "bias": d[u + "acb.fused_conv.bias"]})
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(bn(conv(x)), fused(x), rtol=1e-6, atol=1e-6)
+
+
+def test_baseline_bias_layout(tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "b.pth"
+    run_cli("fuse", FIXTURES / "cifar_quick.pth", out, "--layout", "baseline-bias")
+    sd = torch.load(out, weights_only=True)
+    assert "conv1.conv.weight" in sd and "conv1.conv.bias" in sd
+
+
+def test_inspect_json_and_filter(run_cli) -> None:
+    result = run_cli("inspect", FIXTURES / "ddp_wrapped.pth", "--json", "--filter", r"conv1\.acb\.square")
+    data = json.loads(result.stdout)
+    assert data["format"] == "pth" and data["prefix"] == "module."
+    assert data["dropped_on_fuse"] == ["optimizer"]
+    assert data["dialect"] == "acnet" and len(data["blocks"]) == 2
+    assert all("square" in t["name"] for t in data["tensors"])
+    assert data["totals"]["params_after_fusing"] < data["totals"]["params"]
+    human = run_cli("inspect", FIXTURES / "legacy_last_bn.safetensors")
+    assert "1x3" in human.stdout and "5x5" in human.stdout
+
+
+def test_inspect_bad_filter_is_usage_error(run_cli) -> None:
+    run_cli("inspect", FIXTURES / "cifar_quick.pth", "--filter", "(", expect=2)
+
+
+def test_inspect_fused_checkpoint_says_so(tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "o.pth"
+    run_cli("fuse", FIXTURES / "cifar_quick.pth", out)
+    assert "fused or plain" in run_cli("inspect", out).stdout
+
+
+def test_out_dir_with_jobs_reports_failures_and_keeps_going(tmp_path: Path, run_cli) -> None:
+    bad = tmp_path / "in" / "broken.pth"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a checkpoint")
+    out_dir = tmp_path / "out"
+    result = run_cli(
+        "fuse", FIXTURES / "cifar_quick.pth", FIXTURES / "grouped.safetensors", bad, "--out-dir", out_dir,
+        "-j", "2", "--json", expect=3,
+    )
+    data = json.loads(result.stdout)
+    assert [r["exit_code"] for r in data["results"]] == [0, 0, 3]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["cifar_quick.pth", "grouped.safetensors"]
+    assert "broken.pth" in result.stderr
+
+
+def test_out_dir_expands_globs(tmp_path: Path, run_cli) -> None:
+    run_cli("fuse", str(FIXTURES / "cifar_quick.*"), "--out-dir", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cifar_quick.hdf5", "cifar_quick.pth", "cifar_quick.safetensors"
+    ]
+    result = run_cli("fuse", str(FIXTURES / "cifar_quick.*"), "--out-dir", tmp_path / "x", "--to", "pth", expect=2)
+    assert "cifar_quick" in result.stderr
+
+
+def test_fuse_needs_two_paths_without_out_dir(run_cli) -> None:
+    run_cli("fuse", FIXTURES / "cifar_quick.pth", expect=2)
+
+
+def test_unknown_dialect_is_usage_error(tmp_path: Path, run_cli) -> None:
+    result = run_cli("fuse", FIXTURES / "cifar_quick.pth", tmp_path / "o.pth", "--dialect", "nope", expect=2)
+    assert "known dialects" in result.stderr
+
+
+def test_python_dash_m_and_help(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "acnet_convert", "--help"], capture_output=True, text=True, check=True)
+    assert "fuse" in done.stdout and "Exit codes" in done.stdout
+    done = subprocess.run(
+        [sys.executable, "-m", "acnet_convert", "fuse", str(tmp_path / "missing.pth"), str(tmp_path / "o.pth")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 3
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_fuse_does_not_import_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys; from acnet_convert.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    for src in ("cifar_quick.pth", "cifar_quick.hdf5", "cifar_quick.safetensors"):
+        out = tmp_path / (src + ".out.pth")
+        subprocess.run([sys.executable, "-c", code, "fuse", str(FIXTURES / src), str(out)], check=True)
