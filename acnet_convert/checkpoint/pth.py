@@ -262,7 +262,10 @@ def _allowed_global(module: str, name: str) -> Any:
     return None
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+# The pure-Python unpickler: the C one grows its memo to the largest index a
+# PUT opcode names, so a few crafted bytes ('r' + 4-byte index) make it
+# allocate gigabytes; this one keeps the memo in a dict.
+class _RestrictedUnpickler(pickle._Unpickler):
     """Unpickles tensors (as :class:`_TensorRef`) and plain data; refuses every other global."""
 
     def __init__(self, data: bytes, path: Path) -> None:
