@@ -1,0 +1,542 @@
+"""Reading and writing HDF5 checkpoints: upstream ACNet's flat layout and Keras weight files.
+
+Two layouts are recognised from the file itself:
+
+``flat``
+    Upstream ACNet (``utils/misc.py`` ``save_hdf5``/``read_hdf5``): one dataset
+    per state-dict key at the root, ``/`` in a key stored as ``+``. Keys may
+    look like integers, and a ``deps`` dataset (channel widths) travels with
+    the weights; both are ordinary keys here.
+``keras``
+    Keras 2 ``model.save_weights('x.h5')`` (the weights at the root) or a
+    full-model ``model.save('x.h5')`` (the weights under ``model_weights``):
+    one group per layer listed in the ``layer_names`` attribute, each listing
+    its datasets in a ``weight_names`` attribute, e.g. dataset
+    ``conv1_sqr/conv1_sqr/kernel:0``. A tensor's name is that path inside the
+    weights group.
+
+HDF5 has no bfloat16: such tensors are stored as uint16 bit patterns with the
+dataset attribute ``dtype = "bfloat16"``, and read back as bfloat16.
+
+Everything a dataset declares (type, shape, where its bytes are) is checked on
+open, before anything is read, so a crafted file cannot make us allocate far
+more memory than its own size or read outside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from acnet_convert import dtypes
+from acnet_convert.errors import BadCheckpointError, UsageError
+
+from .base import CheckpointReader, Container, TensorInfo
+from .containers import strip_prefix
+from .safetensors_io import check_produced
+
+__all__ = ["BF16_ATTR", "LAYOUTS", "Hdf5Reader", "KerasAttrs", "write_hdf5"]
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("flat", "keras")
+
+# Dataset attribute that marks uint16 data as bfloat16 bit patterns.
+BF16_ATTR = "dtype"
+
+# Keras 2 splits a name-list attribute into name0, name1, ... above this many
+# bytes, because HDF5 object headers cannot hold larger attributes.
+_KERAS_ATTR_LIMIT = 64512
+
+# Errors h5py raises for unreadable or corrupt files and objects.
+_H5_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)
+
+# Stored element type (little-endian) -> canonical name; HDF5 converts
+# big-endian data on read.
+_CANONICAL = {
+    np.dtype(np_dtype): name for name, np_dtype in dtypes.NUMPY_DTYPES.items() if name != "bfloat16"
+}
+
+
+@dataclass(frozen=True)
+class KerasAttrs:
+    """What a writer needs to lay out a Keras weight file like the one that was read.
+
+    Attributes:
+        weights_group: ``""`` when the weights sit at the root (``save_weights``),
+            ``"model_weights"`` for a full-model file.
+        layer_names: the ``layer_names`` attribute, in order (layers without
+            weights included).
+        weight_names: layer -> its ``weight_names`` attribute, in order.
+        backend: the weights group's ``backend`` attribute, if any.
+        keras_version: the weights group's ``keras_version`` attribute, if any.
+    """
+
+    weights_group: str = ""
+    layer_names: tuple[str, ...] = ()
+    weight_names: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    backend: str | None = None
+    keras_version: str | None = None
+
+
+class Hdf5Reader(CheckpointReader):
+    """An open HDF5 checkpoint (upstream ACNet flat layout or Keras weights).
+
+    After opening, ``layout`` is ``"flat"`` or ``"keras"``; for Keras files
+    ``keras_attrs`` holds the layer bookkeeping a writer needs, and
+    ``container.dropped`` names top-level groups that were not read
+    (``optimizer_weights``).
+
+    Example:
+        >>> with Hdf5Reader(Path("train.hdf5")) as reader:  # doctest: +SKIP
+        ...     deps = reader.read("deps")
+
+    Raises:
+        BadCheckpointError: unreadable, truncated or corrupt file; a layout that
+            is neither of the two; a dataset that is not a plain numeric array,
+            is a link, or declares more data than the file can hold.
+    """
+
+    format = "hdf5"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.layout = "flat"
+        self.keras_attrs: KerasAttrs | None = None
+        self._paths: dict[str, str] = {}
+        try:
+            file_size = path.stat().st_size
+            self._file: h5py.File | None = h5py.File(path, "r")
+        except _H5_ERRORS as err:
+            raise BadCheckpointError(
+                f"{path}: cannot be opened as HDF5 ({_reason(err)}); "
+                "the file is truncated, corrupt or not HDF5"
+            ) from err
+        try:
+            self._index(self._file, file_size)
+        except BadCheckpointError:
+            self.close()
+            raise
+        except _H5_ERRORS as err:
+            self.close()
+            raise BadCheckpointError(
+                f"{path}: HDF5 structure cannot be read ({_reason(err)}); the file is corrupt"
+            ) from err
+
+    def _index(self, root: h5py.File, file_size: int) -> None:
+        """Detect the layout and check every dataset, reading no tensor data."""
+        self.metadata = _string_attrs(root, self.path)
+        weights = _keras_weights_group(root)
+        dropped: tuple[str, ...] = ()
+        if weights is not None:
+            self.layout = "keras"
+            self.keras_attrs = _read_keras_attrs(weights, self.path)
+            if weights is not root:
+                dropped = tuple(k for k in root if k != self.keras_attrs.weights_group)
+        found: list[tuple[str, str, str, tuple[int, ...]]] = []
+        for rel, dataset in _walk(weights or root, "", self.path, nested=weights is not None):
+            key = rel if self.layout == "keras" else rel.replace("+", "/")
+            dtype, shape = _check_dataset(dataset, key, file_size, self.path)
+            found.append((key, dataset.name, dtype, shape))
+        if not found:
+            raise BadCheckpointError(f"{self.path}: the HDF5 file holds no datasets")
+        if self.keras_attrs is not None:
+            _check_keras_listing(self.keras_attrs, {key for key, *_ in found}, self.path)
+        prefix, names = strip_prefix([key for key, *_ in found], self.path)
+        self.container = Container(prefix=prefix, dropped=dropped)
+        for name, (_, h5_path, dtype, shape) in zip(names, found, strict=True):
+            self.tensors[name] = TensorInfo(name=name, dtype=dtype, shape=shape)
+            self._paths[name] = h5_path
+
+    def __enter__(self) -> Hdf5Reader:
+        return self
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor ``name`` as a new C-contiguous array of its storage dtype.
+
+        Big-endian data is converted to little-endian; bfloat16 comes back as
+        uint16 bit patterns.
+
+        Raises:
+            BadCheckpointError: the data cannot be read (corrupt file).
+            KeyError: no tensor of that name (a caller bug).
+        """
+        info = self.tensors[name]
+        out = np.empty(info.shape, dtype=dtypes.numpy_dtype(info.dtype))
+        if out.size == 0:
+            return out
+        if self._file is None:
+            raise ValueError(f"{self.path}: the reader is closed")
+        try:
+            self._file[self._paths[name]].read_direct(out)
+        except _H5_ERRORS as err:
+            raise BadCheckpointError(
+                f"{self.path}: dataset '{name}' cannot be read ({_reason(err)}); "
+                "the file is truncated or corrupt"
+            ) from err
+        return out
+
+    def close(self) -> None:
+        """Close the HDF5 file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _reason(err: BaseException) -> str:
+    return str(err).strip() or type(err).__name__
+
+
+def _as_str(value: Any) -> str | None:
+    """An attribute value as text, if it is a (byte) string."""
+    if isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind in "SUO":
+        value = value.item()
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return None
+
+
+def _string_attrs(obj: h5py.HLObject, path: Path) -> dict[str, str]:
+    """The object's string-valued attributes; others are not metadata and are skipped."""
+    result: dict[str, str] = {}
+    for key in obj.attrs:
+        try:
+            text = _as_str(obj.attrs[key])
+        except _H5_ERRORS as err:
+            logger.debug("%s: attribute %r skipped (%s)", path, key, _reason(err))
+            continue
+        if text is not None:
+            result[key] = text
+    return result
+
+
+def _name_list(obj: h5py.HLObject, name: str, path: Path) -> list[str] | None:
+    """A Keras name-list attribute, joining the ``name0``, ``name1``, ... chunks; None if absent."""
+    if name in obj.attrs:
+        parts = [obj.attrs[name]]
+    elif f"{name}0" in obj.attrs:
+        parts = []
+        while f"{name}{len(parts)}" in obj.attrs:
+            parts.append(obj.attrs[f"{name}{len(parts)}"])
+    else:
+        return None
+    names: list[str] = []
+    for part in parts:
+        for item in np.asarray(part).reshape(-1):
+            text = _as_str(item)
+            if text is None:
+                raise BadCheckpointError(
+                    f"{path}: Keras attribute '{name}' of '{obj.name}' holds {item!r}, "
+                    "not a name; the file is corrupt"
+                )
+            names.append(text)
+    return names
+
+
+def _keras_weights_group(root: h5py.File) -> h5py.Group | None:
+    """The group holding Keras layer groups, or None for a non-Keras file."""
+    if "layer_names" in root.attrs or "layer_names0" in root.attrs:
+        return root
+    link = root.get("model_weights", getlink=True)
+    if isinstance(link, h5py.HardLink):
+        group = root["model_weights"]
+        if isinstance(group, h5py.Group) and (
+            "layer_names" in group.attrs or "layer_names0" in group.attrs
+        ):
+            return group
+    return None
+
+
+def _read_keras_attrs(group: h5py.Group, path: Path) -> KerasAttrs:
+    layer_names = _name_list(group, "layer_names", path) or []
+    weight_names: dict[str, tuple[str, ...]] = {}
+    for layer in layer_names:
+        layer_group = group.get(layer)
+        if not isinstance(layer_group, h5py.Group):
+            raise BadCheckpointError(
+                f"{path}: Keras layer '{layer}' is listed in 'layer_names' but has no group; "
+                "the file is incomplete"
+            )
+        weight_names[layer] = tuple(_name_list(layer_group, "weight_names", path) or [])
+    attrs = _string_attrs(group, path)
+    return KerasAttrs(
+        weights_group=group.name.lstrip("/"),
+        layer_names=tuple(layer_names),
+        weight_names=weight_names,
+        backend=attrs.get("backend"),
+        keras_version=attrs.get("keras_version"),
+    )
+
+
+def _check_keras_listing(attrs: KerasAttrs, datasets: set[str], path: Path) -> None:
+    """Every weight a layer lists must exist, or Keras could not load the file either."""
+    for layer, names in attrs.weight_names.items():
+        for weight in names:
+            if f"{layer}/{weight}" not in datasets:
+                raise BadCheckpointError(
+                    f"{path}: Keras layer '{layer}' lists weight '{weight}' but the file has "
+                    "no such dataset; the file is incomplete"
+                )
+
+
+def _walk(
+    group: h5py.Group, base: str, path: Path, *, nested: bool
+) -> Iterator[tuple[str, h5py.Dataset]]:
+    """Datasets under ``group`` in h5py's order, depth first, refusing links and odd objects.
+
+    ``nested`` is False for the flat layout, where a group means the file is
+    something else.
+    """
+    for key in group:
+        rel = f"{base}{key}"
+        link = group.get(key, getlink=True)
+        if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+            # An external link would make us open another file; a soft link
+            # can alias or loop. Real checkpoints use neither.
+            raise BadCheckpointError(
+                f"{path}: '{rel}' is a {type(link).__name__}, not a dataset; "
+                "refusing to follow links in a checkpoint"
+            )
+        obj = group[key]
+        if isinstance(obj, h5py.Dataset):
+            yield rel, obj
+        elif isinstance(obj, h5py.Group) and nested:
+            yield from _walk(obj, f"{rel}/", path, nested=True)
+        elif isinstance(obj, h5py.Group):
+            raise BadCheckpointError(
+                f"{path}: HDF5 layout not recognised: '{rel}' is a group and there is no "
+                "Keras 'layer_names' attribute. Supported are upstream ACNet's flat "
+                "datasets and Keras 2 weight files (model.save_weights('x.h5') or "
+                "model.save('x.h5'))"
+            )
+        else:
+            raise BadCheckpointError(
+                f"{path}: '{rel}' is a {type(obj).__name__}, not a dataset or group; "
+                "a checkpoint holds only numeric datasets"
+            )
+
+
+def _check_dataset(
+    dataset: h5py.Dataset, key: str, file_size: int, path: Path
+) -> tuple[str, tuple[int, ...]]:
+    """The dataset's canonical dtype and shape, refusing anything we would not read safely."""
+    where = f"{path}: dataset '{key}'"
+    np_dtype = dataset.dtype
+    canonical = None
+    if np_dtype.fields is None and np_dtype.subdtype is None and np_dtype.kind in "biuf":
+        canonical = _CANONICAL.get(np_dtype.newbyteorder("<"))
+    if canonical is None:
+        raise BadCheckpointError(
+            f"{where}: element type {_describe_dtype(np_dtype)} is not a tensor type "
+            f"(supported: {', '.join(dtypes.NUMPY_DTYPES)}); remove it or save it as numbers"
+        )
+    marker = _as_str(dataset.attrs[BF16_ATTR]) if BF16_ATTR in dataset.attrs else None
+    if marker == "bfloat16":
+        if canonical != "uint16":
+            raise BadCheckpointError(
+                f"{where}: marked bfloat16 but stored as {canonical}, not uint16; "
+                "the file is corrupt"
+            )
+        canonical = "bfloat16"
+    shape = dataset.shape
+    if shape is None:
+        raise BadCheckpointError(f"{where}: has no shape (an HDF5 null dataspace), not a tensor")
+    nbytes = math.prod(shape) * np_dtype.itemsize
+    plist = dataset.id.get_create_plist()
+    layout = plist.get_layout()
+    if layout == h5py.h5d.VIRTUAL or plist.get_external_count() > 0:
+        raise BadCheckpointError(
+            f"{where}: its data lives in other files (virtual or external storage); "
+            "refusing to read outside the checkpoint"
+        )
+    offset = dataset.id.get_offset() if layout == h5py.h5d.CONTIGUOUS else None
+    if offset is not None:
+        # Uncompressed bytes stored in the file: they must lie inside it.
+        if offset + nbytes > file_size:
+            raise BadCheckpointError(
+                f"{where}: shape {shape} needs bytes {offset}..{offset + nbytes} but the file "
+                f"has {file_size}; the file is truncated or corrupt"
+            )
+    elif nbytes > 16 * file_size + 2**20:
+        # Chunked (maybe compressed), compact or never-written data: its size
+        # in memory is not bounded by the file. Weights compress by a few
+        # times at most, so 16x the file plus 1 MiB of slack for small
+        # fill-value datasets admits every real checkpoint while capping what
+        # a crafted file can make us allocate.
+        raise BadCheckpointError(
+            f"{where}: shape {shape} declares {nbytes} bytes, more than a "
+            f"{file_size}-byte file can plausibly hold; the file is corrupt or crafted "
+            "(if it is genuine, re-save it without compression)"
+        )
+    return canonical, tuple(int(d) for d in shape)
+
+
+def _describe_dtype(np_dtype: np.dtype[Any]) -> str:
+    if h5py.check_string_dtype(np_dtype) is not None or np_dtype.kind in "SU":
+        return "string"
+    if h5py.check_vlen_dtype(np_dtype) is not None:
+        return "variable-length"
+    if h5py.check_ref_dtype(np_dtype) is not None:
+        return "object reference"
+    if np_dtype.fields is not None:
+        return "compound"
+    return str(np_dtype)
+
+
+def _encode_names(names: Sequence[str]) -> np.ndarray:
+    """A name list as Keras stores it: fixed-length UTF-8 bytes (empty: a float64 [] as Keras)."""
+    if not names:
+        return np.asarray([], dtype=np.float64)
+    return np.asarray([n.encode("utf-8") for n in names])
+
+
+def _set_name_list(obj: h5py.HLObject, name: str, names: Sequence[str]) -> None:
+    """Store a name list as Keras 2 does, split into ``name0``, ``name1``, ... when too large."""
+    data = _encode_names(names)
+    chunks = 1
+    while math.ceil(data.nbytes / chunks) > _KERAS_ATTR_LIMIT and chunks < len(names):
+        chunks += 1
+    if chunks == 1:
+        obj.attrs[name] = data
+    else:
+        for index, part in enumerate(np.array_split(data, chunks)):
+            obj.attrs[f"{name}{index}"] = part
+
+
+def _check_names(full_names: Sequence[str], layout: str) -> None:
+    """Refuse names the layout cannot store faithfully (they come from user checkpoints)."""
+    if len(set(full_names)) != len(full_names):
+        raise ValueError("tensor names are not unique")
+    for full in full_names:
+        if layout == "flat" and "+" in full:
+            raise UsageError(
+                f"key '{full}' contains '+', which upstream ACNet's HDF5 layout uses for '/'; "
+                "write safetensors or .pth instead"
+            )
+        parts = [full] if layout == "flat" else full.split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            raise UsageError(
+                f"key '{full}' cannot be an HDF5 dataset name (empty or '.' path parts); "
+                "write safetensors or .pth instead"
+            )
+    if layout == "keras":
+        # 'a/b' and 'a/b/c' would need 'a/b' to be a dataset and a group at once.
+        known = set(full_names)
+        for longer in full_names:
+            parts = longer.split("/")
+            for cut in range(1, len(parts)):
+                shorter = "/".join(parts[:cut])
+                if shorter in known:
+                    raise UsageError(
+                        f"keys '{shorter}' and '{longer}' cannot both be stored in a Keras "
+                        f"HDF5 file ('{shorter}' would be a dataset and a group); "
+                        "write safetensors or .pth instead"
+                    )
+
+
+def _keras_plan(names: Sequence[str], attrs: KerasAttrs) -> tuple[list[str], dict[str, list[str]]]:
+    """layer_names and weight_names for the tensors to be written.
+
+    Layers keep their original order, followed by new ones in tensor order; a
+    layer that had weights and now has none (fused away) is dropped, layers
+    that never had weights (activations, pooling) stay. Within a layer, known
+    weights keep their order and new ones (a fused conv's bias) follow.
+    """
+    present: dict[str, list[str]] = {}
+    for full in names:
+        if "/" in full:
+            layer, weight = full.split("/", 1)
+            present.setdefault(layer, []).append(weight)
+    layers = [
+        layer
+        for layer in attrs.layer_names
+        if layer in present or not attrs.weight_names.get(layer)
+    ]
+    layers += [layer for layer in present if layer not in layers]
+    weight_names: dict[str, list[str]] = {}
+    for layer in layers:
+        new = present.get(layer, [])
+        known = [w for w in attrs.weight_names.get(layer, ()) if w in new]
+        weight_names[layer] = known + [w for w in new if w not in known]
+    return layers, weight_names
+
+
+def write_hdf5(
+    path: Path,
+    tensors: Sequence[TensorInfo],
+    produce: Callable[[str], np.ndarray],
+    metadata: dict[str, str],
+    *,
+    layout: str = "flat",
+    prefix: str = "",
+    keras_attrs: KerasAttrs | None = None,
+) -> None:
+    """Write an HDF5 checkpoint, one tensor in memory at a time.
+
+    ``produce(name)`` is called once per tensor, in order, and its array is
+    written uncompressed before the next is requested.
+
+    Args:
+        path: where to write (overwritten in place; wrap in
+            :func:`acnet_convert.atomic.atomic_output` for all-or-nothing output).
+        tensors: names (unprefixed), canonical dtypes and shapes, in order.
+        produce: returns the tensor's elements in its storage dtype
+            (bfloat16 as uint16 bit patterns; stored with ``dtype="bfloat16"``).
+        metadata: written as string attributes of the root.
+        layout: ``"flat"`` (upstream ACNet: ``/`` in names stored as ``+``) or
+            ``"keras"`` (a tensor ``layer/weight/path`` is dataset
+            ``weight/path`` of layer group ``layer``, listed in the
+            ``layer_names`` and ``weight_names`` attributes).
+        prefix: put back in front of every name.
+        keras_attrs: the source file's Keras bookkeeping, to keep its layer
+            order, layers without weights, ``model_weights`` nesting and
+            version attributes; None for a fresh layout.
+
+    Raises:
+        UsageError: a name the layout cannot store (``+`` in a flat-layout
+            key, empty path parts).
+        ValueError: an unknown layout, duplicate names, or a produced array
+            that does not match its :class:`TensorInfo` (caller bugs).
+
+    Example:
+        >>> write_hdf5(Path("out.hdf5"), [TensorInfo("deps", "int64", (3,))],
+        ...            lambda n: np.array([16, 32, 64]), {})  # doctest: +SKIP
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown HDF5 layout '{layout}'; expected one of {LAYOUTS}")
+    full_names = [prefix + info.name for info in tensors]
+    _check_names(full_names, layout)
+    with h5py.File(path, "w") as handle:
+        for key, value in metadata.items():
+            handle.attrs[key] = value
+        group: h5py.Group = handle
+        if layout == "keras":
+            attrs = keras_attrs or KerasAttrs()
+            if attrs.weights_group:
+                group = handle.create_group(attrs.weights_group)
+            layers, weight_names = _keras_plan(full_names, attrs)
+            if attrs.backend is not None:
+                group.attrs["backend"] = attrs.backend.encode("utf-8")
+            if attrs.keras_version is not None:
+                group.attrs["keras_version"] = attrs.keras_version.encode("utf-8")
+            _set_name_list(group, "layer_names", layers)
+            for layer in layers:
+                _set_name_list(group.create_group(layer), "weight_names", weight_names[layer])
+        for info, full in zip(tensors, full_names, strict=True):
+            array = check_produced(info, produce(info.name))
+            name = full.replace("/", "+") if layout == "flat" else full
+            dataset = group.create_dataset(name, data=array)
+            if info.dtype == "bfloat16":
+                dataset.attrs[BF16_ATTR] = "bfloat16"
