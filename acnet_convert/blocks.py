@@ -80,11 +80,11 @@ class _Checker:
         if bn is None:
             return
         hint = "; is this checkpoint already fused? Try 'acnet-convert inspect'"
-        for key in (bn.mean, bn.var):
-            self.info(key, hint)
-        for key in (bn.weight, bn.bias):
-            if key is not None:
-                self.info(key, f" ({role} has one of weight/bias but not the other)")
+        for stat in (bn.mean, bn.var):
+            self.info(stat, hint)
+        for affine in (bn.weight, bn.bias):
+            if affine is not None:
+                self.info(affine, f" ({role} has one of weight/bias but not the other)")
         for key in (bn.weight, bn.bias, bn.mean, bn.var):
             if key is not None:
                 self.vector(key, channels)

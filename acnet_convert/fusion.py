@@ -59,7 +59,8 @@ class BNStats:
         std = np.sqrt(self.var + self.eps)
         gamma = self.weight if self.weight is not None else np.ones_like(self.mean)
         c = (slice(None), None, None)
-        return (y - self.mean[c]) / std[c] * gamma[c] + self.shift()[c]
+        out: np.ndarray = (y - self.mean[c]) / std[c] * gamma[c] + self.shift()[c]
+        return out
 
 
 @dataclass(frozen=True)
@@ -158,12 +159,14 @@ def reference_outputs(block: BlockTensors, x: np.ndarray) -> np.ndarray:
 
 def conv_outputs(weight: np.ndarray, bias: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The fused conv on x, in the dtype of its arguments."""
-    return _conv_valid(x, weight) + bias[:, None, None]
+    out: np.ndarray = _conv_valid(x, weight) + bias[:, None, None]
+    return out
 
 
 def rounding_bound(weight: np.ndarray, bias: np.ndarray, x: np.ndarray) -> np.ndarray:
     """|x| * |W| + |b|: scales the rounding error any conv with these values may show."""
-    return _conv_valid(np.abs(x), np.abs(weight)) + np.abs(bias)[:, None, None]
+    out: np.ndarray = _conv_valid(np.abs(x), np.abs(weight)) + np.abs(bias)[:, None, None]
+    return out
 
 
 @dataclass(frozen=True)

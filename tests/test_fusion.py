@@ -89,7 +89,7 @@ def _fused_out(block: BlockTensors, x: torch.Tensor, stride: int, padding: int, 
     )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(blocks(), st.integers(0, 2**31 - 1))
 def test_fused_conv_matches_branches_float64(case: tuple[BlockTensors, int, int, int, int, int], seed: int) -> None:
     block, cin, stride, padding, groups, size = case
