@@ -322,6 +322,292 @@ def inspect(
         raise result.problem
 
 
+_VERIFY_ROWS = 12
+
+
+@cli.command(epilog=_EXIT_HELP)
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path), metavar="TRAIN FUSED")
+@click.option(
+    "--arch",
+    default=None,
+    metavar="NAME",
+    help="Rebuild both nets as this built-in architecture (see --list-archs). "
+    "[default: the one TRAIN's keys match, else block by block]",
+)
+@click.option(
+    "--model",
+    default=None,
+    metavar="FILE.py:FACTORY",
+    help="Rebuild both nets from your own factory (FILE.py:FACTORY or package.module:FACTORY), "
+    "which builds the training-time net.",
+)
+@click.option(
+    "--model-arg",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Keyword argument for --model's factory (repeatable; values read as Python literals).",
+)
+@click.option(
+    "--blocks",
+    "blocks_only",
+    is_flag=True,
+    help="Check block by block even where an architecture matches.",
+)
+@click.option("--list-archs", is_flag=True, help="List the built-in architectures and exit.")
+@click.option(
+    "--layout",
+    type=click.Choice(["auto", "deploy", "baseline", "baseline-bias"]),
+    default="auto",
+    show_default=True,
+    help="FUSED's layout; auto: found from its keys.",
+)
+@click.option("--dialect", default=None, help="Force TRAIN's naming dialect (see 'inspect').")
+@click.option(
+    "--eps",
+    type=float,
+    default=None,
+    help="BatchNorm epsilon. [default: the dialect's in block mode, the nets' own otherwise]",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the random input batch."
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Random inputs per check.",
+)
+@click.option(
+    "--input-shape",
+    default=None,
+    metavar="C,H,W",
+    help="Shape of one random input. [default: the architecture's]",
+)
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Real input batch [N, C, H, W]: a .npy file, or a .pt file holding one tensor.",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto, cpu, cuda or cuda:N (auto: CUDA where present). TF32 is off on CUDA.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float64"]),
+    default="float32",
+    show_default=True,
+    help="Dtype both nets run in.",
+)
+@click.option(
+    "--rtol",
+    type=float,
+    default=None,
+    help="Pass when max_abs <= atol + rtol * max|reference|. [default: 1e-5 in float32, "
+    "1e-10 in float64; 1e-5 where FUSED is stored in float32, 1e-2 float16, 5e-2 bfloat16]",
+)
+@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance.")
+@click.option(
+    "--junit",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Also write the result as JUnit XML to this file, for CI.",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No notes or summary on stderr.")
+@_trust_option
+@_json_option
+def verify(
+    paths: tuple[Path, ...],
+    arch: str | None,
+    model: str | None,
+    model_arg: tuple[str, ...],
+    blocks_only: bool,
+    list_archs: bool,
+    layout: str,
+    dialect: str | None,
+    eps: float | None,
+    seed: int,
+    batch: int,
+    input_shape: str | None,
+    input_path: Path | None,
+    device: str,
+    dtype: str,
+    rtol: float | None,
+    atol: float,
+    junit: Path | None,
+    quiet: bool,
+    trust_pickle: bool,
+    as_json: bool,
+) -> None:
+    """Check that FUSED computes the same function as TRAIN: verify TRAIN FUSED.
+
+    \b
+    With --arch (or when TRAIN's keys match one built-in architecture) or
+    --model, both nets are rebuilt, loaded strictly and run on the same batch.
+    Otherwise every block is rebuilt on its own (training-time branches vs
+    the fused conv from FUSED) and checked, which needs no architecture.
+
+    Reports max absolute and relative difference, cosine similarity and, for
+    classifiers, top-1 agreement. Exit 1 names the blocks that differ.
+    """
+    if list_archs:
+        _render_archs(as_json)
+        return
+    if len(paths) != 2:
+        raise UsageError("verify takes TRAIN FUSED (or --list-archs)")
+    from acnet_convert.verify import (
+        VerifyOptions,
+        junit_error_xml,
+        junit_xml,
+        parse_input_shape,
+        parse_model_args,
+        raise_for_result,
+        verify_checkpoints,
+    )
+
+    train, fused = paths
+    if junit is not None and not junit.parent.is_dir():
+        raise UsageError(f"--junit {junit}: the folder '{junit.parent}' does not exist")
+    err = _stderr()
+    try:
+        options = VerifyOptions(
+            arch=arch,
+            model=model,
+            model_args=parse_model_args(model_arg),
+            blocks=blocks_only,
+            layout=layout,
+            dialect=dialect,
+            eps=eps,
+            seed=seed,
+            batch=batch,
+            input_shape=parse_input_shape(input_shape) if input_shape is not None else None,
+            input_path=input_path,
+            device=device,
+            dtype=dtype,
+            rtol=rtol,
+            atol=atol,
+            trust_pickle=trust_pickle,
+        )
+        if quiet or not err.is_terminal:
+            result = verify_checkpoints(train, fused, options)
+        else:
+            with err.status(f"verifying {fused.name} against {train.name}..."):
+                result = verify_checkpoints(train, fused, options)
+    except ACNetConvertError as error:
+        if junit is not None:
+            _write_text(junit, junit_error_xml(str(train), str(fused), str(error)))
+        raise
+    if junit is not None:
+        _write_text(junit, junit_xml(result))
+    if not quiet:
+        for note in result.notes:
+            err.print(f"note: {_escape(note)}")
+    if as_json:
+        _emit_json(result.as_json())
+    else:
+        _render_verify(result, _stdout())
+    if result.passed and not quiet:
+        checks = result.checks()
+        worst = max((*result.cases, *result.block_checks), key=lambda c: c.max_rel, default=None)
+        figure = f", max_rel {worst.max_rel:.3g}" if worst is not None else ""
+        err.print(
+            f"verified: {_escape(str(fused))} computes what {_escape(str(train))} computes "
+            f"({len(checks)} check(s){figure}; rtol {result.rtol:g}, atol {result.atol:g})"
+        )
+    raise_for_result(result)
+
+
+def _write_text(path: Path, text: str) -> None:
+    from acnet_convert.atomic import atomic_output
+
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _render_verify(result: Any, console: Any) -> None:
+    from rich.table import Table
+
+    def fmt(value: float | None, spec: str = ".3g") -> str:
+        return "-" if value is None else format(value, spec)
+
+    def table(title: str, cases: Sequence[Any], network: bool) -> Any:
+        t = Table(title=title, title_justify="left")
+        t.add_column("check")
+        for name in ("max abs", "max rel", "cosine"):
+            t.add_column(name, justify="right")
+        if network:
+            t.add_column("top-1", justify="right")
+        t.add_column("result")
+        shown = list(cases)
+        hidden = 0
+        if len(shown) > _VERIFY_ROWS:  # keep it short: every failure, then the closest calls
+            failing = [c for c in shown if not c.passed]
+            passing = sorted((c for c in shown if c.passed), key=lambda c: -c.max_rel)
+            keep = {id(c) for c in failing + passing[: max(3, _VERIFY_ROWS - len(failing))]}
+            hidden = len(shown) - len(keep)
+            shown = [c for c in shown if id(c) in keep]
+        for c in shown:
+            row = [_escape(c.name), fmt(c.max_abs), fmt(c.max_rel), fmt(c.cosine, ".9f")]
+            if network:
+                row.append("-" if c.top1_agreement is None else f"{c.top1_agreement:.1%}")
+            row.append("ok" if c.passed else "[bold red]FAIL[/]")
+            t.add_row(*row)
+        if hidden:
+            t.add_row(f"... {hidden} more, all within tolerance", *[""] * (len(t.columns) - 1))
+        return t
+
+    what = {
+        "arch": f"architecture {result.arch}",
+        "model": f"model {result.model}",
+        "blocks": "block by block",
+    }
+    network = result.mode != "blocks"
+    inputs = f"input {result.input}" + (
+        f" [{result.batch}, {', '.join(map(str, result.input_shape))}]"
+        if result.input_shape
+        else f", batch {result.batch}"
+    )
+    title = (
+        f"verify {_escape(result.train)} -> {_escape(result.fused)}\n"
+        f"{_escape(what[result.mode])}, FUSED layout {result.layout}, "
+        f"{result.device} {result.dtype}, rtol {result.rtol:g}, atol {result.atol:g}, "
+        f"seed {result.seed}, {_escape(inputs)}"
+    )
+    failing_blocks = [c for c in result.block_checks if not c.passed]
+    console.print(table(title, [*result.checks(), *failing_blocks], network))
+
+
+def _render_archs(as_json: bool) -> None:
+    from acnet_convert.verify import arch_rows
+
+    rows = arch_rows()
+    if as_json:
+        _emit_json([r.as_json() for r in rows])
+        return
+    from rich.table import Table
+
+    table = Table(title="built-in architectures (verify --arch NAME)", title_justify="left")
+    for name in ("name", "input", "classes", "description"):
+        table.add_column(name)
+    for r in rows:
+        table.add_row(
+            r.name, ",".join(map(str, r.input_shape)), str(r.num_classes), _escape(r.description)
+        )
+    _stdout().print(table)
+
+
+@cli.command(epilog=_EXIT_HELP)
+@_json_option
+def archs(as_json: bool) -> None:
+    """List the built-in architectures 'verify --arch' can rebuild."""
+    _render_archs(as_json)
+
+
 def _fail(console: Any, message: str, code: int) -> NoReturn:
     console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
     sys.exit(code)
