@@ -598,14 +598,18 @@ SameTensor = Callable[[str, str], bool]
 
 
 def _parts(spec: BlockSpec, swap: bool) -> list[str | None]:
-    def bn(b: BNSpec | None) -> list[str | None]:
-        return [None] * 5 if b is None else [b.weight, b.bias, b.mean, b.var, b.count]
+    """A block's keys, part by part; the small BN vectors first, so non-aliases differ cheaply."""
 
-    def branch(b: BranchSpec) -> list[str | None]:
-        return [b.weight, b.bias, *bn(b.bn)]
+    def bn(b: BNSpec | None) -> list[str | None]:
+        return [None] * 5 if b is None else [b.var, b.mean, b.weight, b.bias, b.count]
 
     first, second = spec.branches[::-1] if swap else spec.branches
-    return [*branch(spec.square), *branch(first), *branch(second), *bn(spec.last_bn)]
+    branches = (spec.square, first, second)
+    return [
+        *(k for b in branches for k in bn(b.bn)),
+        *bn(spec.last_bn),
+        *(k for b in branches for k in (b.bias, b.weight)),
+    ]
 
 
 def _is_alias(block: BlockSpec, primary: BlockSpec, same: SameTensor) -> bool:
