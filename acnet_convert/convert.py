@@ -35,7 +35,9 @@ __all__ = [
     "FuseReport",
     "FusionPlan",
     "PlannedBlock",
+    "FusedState",
     "fuse_checkpoint",
+    "fuse_state",
     "plan_fusion",
     "sha256_file",
 ]
@@ -274,6 +276,8 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
                 _output_info(out_key, role, block.geometry, dialect.kernel_layout)
                 for out_key, role in block.outputs
             )
+    if options.layout == "baseline":
+        _refuse_taken_bn(planned, origins, source)
     renamed = [TensorInfo(_rename(t.name, options.renames), t.dtype, t.shape) for t in outputs]
     seen: dict[str, str] = {}
     for before, after in zip(outputs, renamed):
@@ -304,6 +308,21 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
     )
 
 
+def _refuse_taken_bn(
+    planned: Sequence[PlannedBlock], passed_through: Mapping[str, str], source: str
+) -> None:
+    """The baseline layout needs ``<u>.bn``; a pre-activation unit already has its own BN there."""
+    for block in planned:
+        taken = [key for key, role in block.outputs if role != "weight" and key in passed_through]
+        if taken:
+            raise UsageError(
+                f"{source}: block '{block.spec.label}': the baseline layout puts the fused bias in "
+                f"'{taken[0].rpartition('.')[0]}', but the checkpoint already has a BN there (one "
+                "before the conv, as in pre-activation units); a plain baseline without a conv "
+                "bias cannot hold this block. Use --layout deploy or --layout baseline-bias"
+            )
+
+
 def _identity_var(eps: float, dtype: str) -> np.ndarray:
     """A running_var v (in ``dtype``) with v + eps as close to 1 as that dtype allows."""
     return dtypes.from_float64(np.array([1.0 - eps]), dtype)
@@ -322,6 +341,101 @@ def _block_values(
         "bn_count": count if count is not None else np.zeros((), dtype=np.int64),
     }
     return {key: np.asarray(stored[role], order="C") for key, role in block.outputs}
+
+
+@dataclass(frozen=True)
+class FusedState:
+    """A fused checkpoint held in memory.
+
+    ``tensors`` maps every output key, in ``plan.outputs`` order, to its value
+    as the chosen format would store it (bfloat16 as uint16 bit patterns);
+    ``blocks`` reports each fused block.
+    """
+
+    plan: FusionPlan
+    tensors: dict[str, np.ndarray]
+    blocks: tuple[BlockReport, ...]
+
+
+def _fuse_blocks(
+    reader: CheckpointReader, plan: FusionPlan, options: FuseOptions, progress: ProgressCallback | None
+) -> tuple[dict[str, np.ndarray], tuple[BlockReport, ...]]:
+    """Fuse (and, with ``options.check``, check) every planned block: the blocks' output tensors.
+
+    Raises:
+        VerificationError: a fused block does not reproduce its branches.
+    """
+    layout = plan.dialect.kernel_layout
+    rng = np.random.default_rng(options.seed)
+    fused: dict[str, np.ndarray] = {}
+    reports: list[BlockReport] = []
+    failures: list[str] = []
+    for n, block in enumerate(plan.blocks):
+        if progress:
+            progress("fusing", n, len(plan.blocks))
+        tensors = load_block(block.spec, reader.tensors, reader.read, plan.eps, plan.source, layout)
+        weight, bias = fuse_block(tensors)
+        count_key = block.spec.square.bn.count if block.spec.square.bn else None
+        count = np.array(reader.read(count_key)).reshape(()).astype(np.int64) if count_key else None
+        values = _block_values(block, weight, bias, plan.eps, layout, count)
+        fused.update(values)
+        g = block.geometry
+        max_abs = max_rel = None
+        passed = None
+        if options.check:
+            stored_w = dtypes.to_float64(dtypes.from_float64(weight, g.dtype), g.dtype)
+            stored_b = dtypes.to_float64(dtypes.from_float64(bias, g.dtype), g.dtype)
+            result = check_block(tensors, stored_w, stored_b, stored_dtype=g.dtype, rng=rng)
+            passed = result.within_rounding
+            max_abs, max_rel = result.comparison.max_abs, result.comparison.max_rel
+            if not passed:
+                failures.append(f"'{block.spec.label}' (max relative difference {max_rel:.3g})")
+        reports.append(
+            BlockReport(
+                label=block.spec.label,
+                kernel=g.kernel,
+                hor=g.hor,
+                ver=g.ver,
+                dtype=g.dtype,
+                last_bn=g.has_last_bn,
+                affine=g.affine,
+                conv_bias=g.conv_bias,
+                outputs=tuple(k for k, _ in block.outputs),
+                max_abs=max_abs,
+                max_rel=max_rel,
+                passed=passed,
+            )
+        )
+    if failures:
+        raise VerificationError(
+            f"{plan.source}: the fused conv does not reproduce the training-time branches of "
+            f"block {', '.join(failures)}; nothing was written"
+        )
+    return fused, tuple(reports)
+
+
+def fuse_state(
+    reader: CheckpointReader, options: FuseOptions = FuseOptions(), *, progress: ProgressCallback | None = None
+) -> FusedState:
+    """Plan and fuse an open training checkpoint in memory, without writing anything.
+
+    The tensors are those :func:`fuse_checkpoint` would write, pass-through keys
+    copied out of the reader, so they outlive it.
+
+    Raises:
+        UsageError, UnfusableBlockError: as :func:`plan_fusion`.
+        VerificationError: a fused block does not reproduce its branches.
+
+    >>> with open_checkpoint(Path("train.pth")) as reader:  # doctest: +SKIP
+    ...     state = fuse_state(reader, FuseOptions(layout="baseline"))
+    """
+    plan = plan_fusion(reader, options)
+    fused, reports = _fuse_blocks(reader, plan, options, progress)
+    tensors = {
+        t.name: fused[t.name] if t.name in fused else np.array(reader.read(plan.origins[t.name]), copy=True)
+        for t in plan.outputs
+    }
+    return FusedState(plan, tensors, reports)
 
 
 def fuse_checkpoint(
@@ -365,52 +479,7 @@ def fuse_checkpoint(
 
     with open_checkpoint(source, trust_pickle=options.trust_pickle) as reader:
         plan = plan_fusion(reader, options)
-        layout = plan.dialect.kernel_layout
-        rng = np.random.default_rng(options.seed)
-        fused: dict[str, np.ndarray] = {}
-        reports: list[BlockReport] = []
-        failures: list[str] = []
-        for n, block in enumerate(plan.blocks):
-            if progress:
-                progress("fusing", n, len(plan.blocks))
-            tensors = load_block(block.spec, reader.tensors, reader.read, plan.eps, plan.source, layout)
-            weight, bias = fuse_block(tensors)
-            count_key = block.spec.square.bn.count if block.spec.square.bn else None
-            count = np.array(reader.read(count_key)).reshape(()).astype(np.int64) if count_key else None
-            values = _block_values(block, weight, bias, plan.eps, layout, count)
-            fused.update(values)
-            g = block.geometry
-            max_abs = max_rel = None
-            passed = None
-            if options.check:
-                stored_w = dtypes.to_float64(dtypes.from_float64(weight, g.dtype), g.dtype)
-                stored_b = dtypes.to_float64(dtypes.from_float64(bias, g.dtype), g.dtype)
-                result = check_block(tensors, stored_w, stored_b, stored_dtype=g.dtype, rng=rng)
-                passed = result.within_rounding
-                max_abs, max_rel = result.comparison.max_abs, result.comparison.max_rel
-                if not passed:
-                    failures.append(f"'{block.spec.label}' (max relative difference {max_rel:.3g})")
-            reports.append(
-                BlockReport(
-                    label=block.spec.label,
-                    kernel=g.kernel,
-                    hor=g.hor,
-                    ver=g.ver,
-                    dtype=g.dtype,
-                    last_bn=g.has_last_bn,
-                    affine=g.affine,
-                    conv_bias=g.conv_bias,
-                    outputs=tuple(k for k, _ in block.outputs),
-                    max_abs=max_abs,
-                    max_rel=max_rel,
-                    passed=passed,
-                )
-            )
-        if failures:
-            raise VerificationError(
-                f"{plan.source}: the fused conv does not reproduce the training-time branches of "
-                f"block {', '.join(failures)}; nothing was written"
-            )
+        fused, reports = _fuse_blocks(reader, plan, options, progress)
         digest = sha256_file(source)
         metadata = dict(reader.metadata)
         metadata.update(
