@@ -37,6 +37,12 @@ def is_plain_data(value: Any, depth: int = 0) -> bool:
     return False
 
 
+def _bare(name: str) -> str:
+    while name.startswith(_PREFIXES):
+        name = name[len(next(p for p in _PREFIXES if name.startswith(p))) :]
+    return name
+
+
 def strip_prefix(names: list[str], path: Path) -> tuple[str, list[str]]:
     """Remove the ``module.``/``_orig_mod.`` prefixes shared by every name.
 
@@ -53,13 +59,19 @@ def strip_prefix(names: list[str], path: Path) -> tuple[str, list[str]]:
                 prefix += p
                 current = [n[len(p) :] for n in current]
                 changed = True
-    if len(set(current)) != len(current):
-        seen: set[str] = set()
-        dup = next(n for n in current if n in seen or seen.add(n))  # type: ignore[func-returns-value]
-        raise BadCheckpointError(
-            f"{path}: key '{dup}' appears twice once the '{prefix}' prefix is removed; "
-            "the checkpoint mixes wrapped and unwrapped copies of the weights"
-        )
+    # Prefixes on only some names: refuse when removing them makes two names
+    # equal ('module.conv.weight' next to 'conv.weight'), or both copies would
+    # be fused and written side by side.
+    first: dict[str, str] = {}
+    for name in current:
+        bare = _bare(name)
+        if bare in first:
+            raise BadCheckpointError(
+                f"{path}: key '{bare}' appears twice once the {'/'.join(map(repr, _PREFIXES))} "
+                f"prefixes are removed ('{prefix}{first[bare]}' and '{prefix}{name}'); the "
+                "checkpoint mixes wrapped and unwrapped copies of the weights: keep one copy"
+            )
+        first[bare] = name
     return prefix, current
 
 
