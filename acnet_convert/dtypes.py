@@ -65,7 +65,8 @@ def to_float64(array: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         wide = array.astype(np.uint32) << np.uint32(16)
         return wide.view(np.float32).astype(np.float64)
-    return np.asarray(array).astype(np.float64)
+    with np.errstate(invalid="ignore"):  # a signalling NaN; callers check for NaN themselves
+        return np.asarray(array).astype(np.float64)
 
 
 def from_float64(array: np.ndarray, dtype: str) -> np.ndarray:
@@ -78,4 +79,5 @@ def from_float64(array: np.ndarray, dtype: str) -> np.ndarray:
         out = rounded.astype(np.uint16)
         out[nan] = np.uint16(0x7FC0)
         return out
-    return np.ascontiguousarray(array, dtype=NUMPY_DTYPES[dtype])
+    with np.errstate(over="ignore"):  # too large for the dtype: inf, which callers detect
+        return np.ascontiguousarray(array, dtype=NUMPY_DTYPES[dtype])
