@@ -276,13 +276,14 @@ def _dry_run(source: Path, output: Path, fmt: str, options: Any, as_json: bool) 
         return
     from rich.table import Table
 
-    table = Table(title=f"dry run: {source} -> {output} ({fmt}), nothing written")
+    where = f"{_escape(str(source))} -> {_escape(str(output))}"
+    table = Table(title=f"dry run: {where} ({fmt}), nothing written")
     table.add_column("block")
     table.add_column("becomes")
     for m in mapping:
-        table.add_row(str(m["block"]), "\n".join(m["to"]))
+        table.add_row(_escape(str(m["block"])), "\n".join(_escape(k) for k in m["to"]))
     for c in copied:
-        table.add_row(str(c["from"]), str(c["to"]))
+        table.add_row(_escape(str(c["from"])), _escape(str(c["to"])))
     _stdout().print(table)
 
 
@@ -615,8 +616,13 @@ def _fail(console: Any, message: str, code: int) -> NoReturn:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``acnet-convert`` command."""
+    from acnet_convert.atomic import terminate_as_interrupt
+
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="acnet-convert", standalone_mode=False)
+        # SIGTERM (kill, a CI timeout) must clean up a half-written output like Ctrl-C does.
+        with terminate_as_interrupt():
+            args = list(argv) if argv is not None else None
+            cli.main(args=args, prog_name="acnet-convert", standalone_mode=False)
     except ACNetConvertError as err:
         _fail(_stderr(), _escape(str(err)), err.exit_code)
     except click.exceptions.Abort:
@@ -640,6 +646,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _escape(text: str) -> str:
+    import re
+
     from rich.markup import escape
 
-    return escape(text)
+    # Names come from the file: show control characters (a newline, a terminal escape
+    # sequence) as Python escapes, so a message stays one harmless line.
+    return escape(re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], text))

@@ -107,6 +107,13 @@ def inspect_checkpoint(path: Path, options: FuseOptions, name_filter: str | None
         )
 
 
+def _shown(text: str) -> str:
+    """A name from the file as literal rich text: markup escaped, control characters as escapes."""
+    from rich.markup import escape
+
+    return escape(re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], text))
+
+
 def _shape(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
@@ -115,19 +122,19 @@ def render_inspection(result: Inspection, console: Any) -> None:
     """Print an :class:`Inspection` as rich tables."""
     from rich.table import Table
 
-    head = f"{result.path}: {result.format}, {result.container}"
+    head = f"{_shown(result.path)}: {result.format}, {_shown(result.container)}"
     if result.prefix:
-        head += f", keys prefixed '{result.prefix}'"
+        head += f", keys prefixed '{_shown(result.prefix)}'"
     console.print(head)
     if result.dropped:
-        console.print(f"other entries (dropped on fuse): {', '.join(result.dropped)}")
+        console.print(f"other entries (dropped on fuse): {_shown(', '.join(result.dropped))}")
     table = Table(title=f"{len(result.listed)} of {len(result.tensors)} tensors")
     table.add_column("name", overflow="fold")
     table.add_column("shape")
     table.add_column("dtype")
     table.add_column("elements", justify="right")
     for t in result.listed:
-        table.add_row(t.name, _shape(t.shape), t.dtype, f"{t.numel:,}")
+        table.add_row(_shown(t.name), _shape(t.shape), t.dtype, f"{t.numel:,}")
     console.print(table)
     params = sum(t.numel for t in result.tensors)
     nbytes = sum(t.nbytes for t in result.tensors)
@@ -143,14 +150,14 @@ def render_inspection(result: Inspection, console: Any) -> None:
     for b in plan.blocks:
         g = b.geometry
         blocks.add_row(
-            b.spec.label,
+            _shown(b.spec.label),
             f"{g.kernel}x{g.kernel}",
             f"{g.hor[0]}x{g.hor[1]}",
             f"{g.ver[0]}x{g.ver[1]}",
             f"{g.in_per_group}->{g.out_channels}",
             "yes" if g.has_last_bn else "no",
             "yes" if g.affine else "no",
-            ", ".join(k for k, _ in b.outputs),
+            _shown(", ".join(k for k, _ in b.outputs)),
         )
     console.print(blocks)
     console.print(
