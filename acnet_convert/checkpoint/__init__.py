@@ -9,17 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from acnet_convert.errors import UsageError
 
-from .base import CheckpointReader, Container, TensorInfo
+from .base import CheckpointReader, Container, RawBytes, TensorInfo
+
+if TYPE_CHECKING:
+    from .hdf5_io import KerasAttrs
 
 __all__ = [
     "FORMATS",
     "CheckpointReader",
     "Container",
+    "RawBytes",
     "TensorInfo",
     "format_for_path",
     "open_checkpoint",
@@ -82,17 +87,22 @@ def write_checkpoint(
     path: Path,
     fmt: str,
     tensors: Sequence[TensorInfo],
-    produce: Callable[[str], np.ndarray],
+    produce: Callable[[str], np.ndarray | RawBytes],
     *,
     container: Container,
     metadata: dict[str, str],
     source: CheckpointReader | None = None,
+    keras_attrs: KerasAttrs | None = None,
 ) -> None:
     """Write ``tensors`` (values from ``produce``, called once each, in order) as ``fmt``.
 
+    ``produce`` returns an array, or :class:`RawBytes` from an open reader
+    (see :meth:`CheckpointReader.raw`) that the writer copies file to file.
+
     The container (wrapper keys, ``module.`` prefix, plain extras) is kept
     where the format can hold it; ``metadata`` goes where the format has room
-    (safetensors ``__metadata__``, HDF5 root attributes).
+    (safetensors ``__metadata__``, HDF5 root attributes). ``keras_attrs``,
+    when given, replaces the Keras layer bookkeeping of ``source``.
     """
     if fmt == "safetensors":
         from .safetensors_io import write_safetensors
@@ -109,7 +119,9 @@ def write_checkpoint(
             metadata,
             layout=layout,
             prefix=container.prefix,
-            keras_attrs=getattr(source, "keras_attrs", None) if layout == "keras" else None,
+            keras_attrs=(keras_attrs or getattr(source, "keras_attrs", None))
+            if layout == "keras"
+            else None,
         )
     elif fmt == "pth":
         from .pth import write_pth

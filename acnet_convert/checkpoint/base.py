@@ -4,6 +4,11 @@ A reader indexes the file on open (names, dtypes, shapes, where the bytes are)
 and reads one tensor at a time on request, so a conversion never has to hold a
 whole checkpoint in memory. Names are the state-dict keys after the container
 has been unwrapped (``{'model': sd}``, ``module.`` prefixes, ...).
+
+Where a tensor's stored bytes are exactly its little-endian, C-order elements,
+a reader can also say where they lie (:meth:`CheckpointReader.raw`), so that a
+writer copies them file to file in the kernel instead of pulling them through
+memory.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import numpy as np
 
 from acnet_convert import dtypes
 
-__all__ = ["CheckpointReader", "Container", "TensorInfo"]
+__all__ = ["CheckpointReader", "Container", "RawBytes", "TensorInfo"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,21 @@ class Container:
         return "raw state dict" if self.wrapper_key is None else f"{{'{self.wrapper_key}': state dict}}"
 
 
+@dataclass(frozen=True)
+class RawBytes:
+    """``length`` bytes at ``offset`` of the open file ``fd``: a tensor's elements as stored.
+
+    Only valid while the reader that handed it out is open. ``crc32`` is the
+    CRC-32 of exactly these bytes where the file already records it (a .pth
+    zip record that holds just this tensor), else None.
+    """
+
+    fd: int
+    offset: int
+    length: int
+    crc32: int | None = None
+
+
 class CheckpointReader(ABC):
     """An open checkpoint: an ordered index of tensors plus one-at-a-time reads.
 
@@ -86,6 +106,14 @@ class CheckpointReader(ABC):
         bfloat16 comes back as uint16 bit patterns. The array may be a
         read-only view into the file; copy it before changing it.
         """
+
+    def raw(self, name: str) -> RawBytes | None:
+        """Where the tensor's bytes lie, if they are exactly its little-endian C-order elements.
+
+        None when they are not (strided, big-endian, compressed, not in the
+        file at all) or the tensor is empty; callers then use :meth:`read`.
+        """
+        return None
 
     def close(self) -> None:  # noqa: B027 - readers without resources need nothing here
         """Release the file."""

@@ -25,8 +25,10 @@ more memory than its own size or read outside it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +40,12 @@ import numpy as np
 from acnet_convert import dtypes
 from acnet_convert.errors import BadCheckpointError, UsageError
 
-from .base import CheckpointReader, Container, TensorInfo
+from .base import CheckpointReader, Container, RawBytes, TensorInfo
 from .containers import strip_prefix
-from .safetensors_io import check_produced
+from .rawio import copy_range, read_range
+from .safetensors_io import check_produced, check_raw
 
-__all__ = ["BF16_ATTR", "LAYOUTS", "Hdf5Reader", "KerasAttrs", "write_hdf5"]
+__all__ = ["BF16_ATTR", "LAYOUTS", "Hdf5Reader", "KerasAttrs", "replace_keras_layers", "write_hdf5"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +114,7 @@ class Hdf5Reader(CheckpointReader):
         self.layout = "flat"
         self.keras_attrs: KerasAttrs | None = None
         self._paths: dict[str, str] = {}
+        self._fd: int | None = None  # for raw(): a copy of the HDF5 library's own descriptor
         try:
             file_size = path.stat().st_size
             self._file: h5py.File | None = h5py.File(path, "r")
@@ -183,11 +187,62 @@ class Hdf5Reader(CheckpointReader):
             ) from err
         return out
 
+    def raw(self, name: str) -> RawBytes | None:
+        """Where a dataset's bytes lie, for contiguous little-endian storage in this file.
+
+        HDF5 then keeps the elements exactly as numpy would, in one run of
+        bytes; a dataset with chunked, compact or unallocated storage, a
+        big-endian or non-IEEE element type gets None.
+        """
+        info = self.tensors[name]
+        if info.numel == 0 or self._file is None:
+            return None
+        try:
+            # The low-level open: a third of the cost of building an h5py.Dataset.
+            dsid = h5py.h5d.open(self._file.id, self._paths[name].encode("utf-8"))
+            if dsid.get_create_plist().get_layout() != h5py.h5d.CONTIGUOUS:
+                return None
+            offset = dsid.get_offset()
+            stored = dsid.get_type()
+            native = h5py.h5t.py_create(dtypes.numpy_dtype(info.dtype))
+            if offset is None or not stored.equal(native) or dsid.get_storage_size() != info.nbytes:
+                return None
+            if self._fd is None:
+                self._fd = os.dup(self._file.id.get_vfd_handle())
+        except _H5_ERRORS:
+            return None  # read() reports what is wrong with the dataset
+        return RawBytes(self._fd, offset, info.nbytes)
+
     def close(self) -> None:
         """Close the HDF5 file."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class _OwnDescriptor:
+    """A write descriptor of a file h5py has open, opened on first use."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd: int | None = None
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self._path, os.O_WRONLY)
+        return self._fd
+
+    def __enter__(self) -> _OwnDescriptor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _reason(err: BaseException) -> str:
@@ -446,6 +501,26 @@ def _check_names(full_names: Sequence[str], layout: str) -> None:
                     )
 
 
+def replace_keras_layers(attrs: KerasAttrs, replaced: Mapping[str, str]) -> KerasAttrs:
+    """``attrs`` with layers replaced: ``replaced`` maps an old layer to its new one.
+
+    Keras loads weights by position in ``layer_names``, so each new layer
+    takes the place of the first of its old layers; the old layers stay
+    listed, and :func:`write_hdf5` drops those left without weights.
+
+    >>> replace_keras_layers(KerasAttrs(layer_names=("in", "c_sqr", "c_hor")),
+    ...                      {"c_sqr": "c", "c_hor": "c"}).layer_names
+    ('in', 'c', 'c_sqr', 'c_hor')
+    """
+    layers: list[str] = []
+    for layer in attrs.layer_names:
+        new = replaced.get(layer)
+        if new is not None and new not in layers and new not in attrs.layer_names:
+            layers.append(new)
+        layers.append(layer)
+    return dataclasses.replace(attrs, layer_names=tuple(layers))
+
+
 def _keras_plan(names: Sequence[str], attrs: KerasAttrs) -> tuple[list[str], dict[str, list[str]]]:
     """layer_names and weight_names for the tensors to be written.
 
@@ -473,10 +548,32 @@ def _keras_plan(names: Sequence[str], attrs: KerasAttrs) -> tuple[list[str], dic
     return layers, weight_names
 
 
+# Raw bytes at least this large are copied into early-allocated storage by
+# the kernel; smaller ones are read and written through h5py like any array.
+_RAW_COPY_MIN = 1 << 16
+
+
+def _copy_into_dataset(
+    group: h5py.Group, name: str, info: TensorInfo, raw: RawBytes, fd: int
+) -> h5py.Dataset:
+    """A contiguous dataset whose storage HDF5 allocates at once and never fills; the
+    bytes go straight from ``raw`` to that storage, which HDF5 itself then never writes."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dataset = group.create_dataset(
+        name, shape=info.shape, dtype=dtypes.numpy_dtype(info.dtype), dcpl=dcpl, fill_time="never"
+    )
+    offset = dataset.id.get_offset()
+    if offset is None or dataset.id.get_storage_size() != raw.length:
+        raise RuntimeError(f"HDF5 did not allocate contiguous storage for '{name}'")
+    copy_range(raw, fd, offset)
+    return dataset
+
+
 def write_hdf5(
     path: Path,
     tensors: Sequence[TensorInfo],
-    produce: Callable[[str], np.ndarray],
+    produce: Callable[[str], np.ndarray | RawBytes],
     metadata: dict[str, str],
     *,
     layout: str = "flat",
@@ -486,14 +583,16 @@ def write_hdf5(
     """Write an HDF5 checkpoint, one tensor in memory at a time.
 
     ``produce(name)`` is called once per tensor, in order, and its array is
-    written uncompressed before the next is requested.
+    written uncompressed before the next is requested. :class:`RawBytes` it
+    returns are copied file to file into the dataset's storage.
 
     Args:
         path: where to write (overwritten in place; wrap in
             :func:`acnet_convert.atomic.atomic_output` for all-or-nothing output).
         tensors: names (unprefixed), canonical dtypes and shapes, in order.
         produce: returns the tensor's elements in its storage dtype
-            (bfloat16 as uint16 bit patterns; stored with ``dtype="bfloat16"``).
+            (bfloat16 as uint16 bit patterns; stored with ``dtype="bfloat16"``),
+            or :class:`RawBytes` holding exactly those elements.
         metadata: written as string attributes of the root.
         layout: ``"flat"`` (upstream ACNet: ``/`` in names stored as ``+``) or
             ``"keras"`` (a tensor ``layer/weight/path`` is dataset
@@ -518,7 +617,7 @@ def write_hdf5(
         raise ValueError(f"unknown HDF5 layout '{layout}'; expected one of {LAYOUTS}")
     full_names = [prefix + info.name for info in tensors]
     _check_names(full_names, layout)
-    with h5py.File(path, "w") as handle:
+    with h5py.File(path, "w") as handle, _OwnDescriptor(path) as raw_fd:
         for key, value in metadata.items():
             handle.attrs[key] = value
         group: h5py.Group = handle
@@ -535,8 +634,17 @@ def write_hdf5(
             for layer in layers:
                 _set_name_list(group.create_group(layer), "weight_names", weight_names[layer])
         for info, full in zip(tensors, full_names, strict=True):
-            array = check_produced(info, produce(info.name))
+            produced = produce(info.name)
             name = full.replace("/", "+") if layout == "flat" else full
-            dataset = group.create_dataset(name, data=array)
+            if isinstance(produced, RawBytes):
+                check_raw(info, produced)
+                if produced.length >= _RAW_COPY_MIN:
+                    dataset = _copy_into_dataset(group, name, info, produced, raw_fd.fd)
+                else:
+                    stored = dtypes.numpy_dtype(info.dtype)
+                    array = np.frombuffer(read_range(produced), dtype=stored).reshape(info.shape)
+                    dataset = group.create_dataset(name, data=array)
+            else:
+                dataset = group.create_dataset(name, data=check_produced(info, produced))
             if info.dtype == "bfloat16":
                 dataset.attrs[BF16_ATTR] = "bfloat16"

@@ -11,13 +11,17 @@
 
 :class:`PthReader` indexes such a file on open with a restricted unpickler
 that knows only tensors and plain data, so a checkpoint can never run code
-from its pickle; tensor bytes are read through an ``mmap`` of the file, one
-tensor at a time. Only legacy (pre-1.6, non-zip) files, and files opened with
-``trust_pickle=True`` whose pickle needs more than tensors and plain data, go
-through ``torch.load``, importing torch lazily.
+from its pickle; tensor bytes are read one tensor at a time (``pread`` for a
+contiguous tensor, an ``mmap`` view for a strided one), and a contiguous
+tensor's bytes can be copied file to file (:meth:`PthReader.raw`). Only
+legacy (pre-1.6, non-zip) files, and files opened with ``trust_pickle=True``
+whose pickle needs more than tensors and plain data, go through
+``torch.load``, importing torch lazily.
 
 :func:`write_pth` writes the zip format with its own small pickle and zip
-writers, streaming one tensor at a time.
+writers, streaming one tensor at a time; raw bytes from a reader are copied
+in the kernel, and their CRC-32 is taken from the source's zip directory where
+the tensor is a whole record.
 """
 
 from __future__ import annotations
@@ -42,8 +46,9 @@ import numpy as np
 from acnet_convert import dtypes
 from acnet_convert.errors import ACNetConvertError, BadCheckpointError, UnsafeCheckpointError
 
-from .base import CheckpointReader, Container, TensorInfo
+from .base import CheckpointReader, Container, RawBytes, TensorInfo
 from .containers import unwrap
+from .rawio import copy_range, crc32_range, pread_into, read_range
 
 __all__ = ["PthReader", "write_pth"]
 
@@ -167,6 +172,15 @@ class _Located:
     offset: int
     shape: tuple[int, ...]
     stride: tuple[int, ...]
+    record_size: int  # bytes in the storage record
+    record_crc: int  # its CRC-32, from the zip directory
+
+    @property
+    def contiguous(self) -> bool:
+        """Whether the elements are the storage's bytes from ``offset`` on, in C order."""
+        expected = _contiguous_strides(self.shape)
+        pairs = zip(self.shape, self.stride, expected, strict=True)
+        return all(n == 1 or s == e for n, s, e in pairs)
 
 
 class _Global:
@@ -484,7 +498,10 @@ class PthReader(CheckpointReader):
                     f"{nbytes}; the file is truncated or corrupt"
                 )
         info = TensorInfo(name=name, dtype=dtype, shape=shape)
-        return info, _Located(data_offset, np_dtype, int(ref.offset), shape, stride)
+        located = _Located(
+            data_offset, np_dtype, int(ref.offset), shape, stride, nbytes, member.CRC
+        )
+        return info, located
 
     def _member_span(self, member: zipfile.ZipInfo, mapped: mmap.mmap) -> tuple[int, int]:
         """Where a stored record's bytes start in the file, and how many there are."""
@@ -500,7 +517,11 @@ class PthReader(CheckpointReader):
         start = member.header_offset
         if start + _LOCAL_HEADER.size > size:
             raise BadCheckpointError(f"{where} starts past the end of the file; it is truncated")
-        header = _LOCAL_HEADER.unpack_from(mapped, start)
+        # pread, not the mmap: a touched page of a mapping counts towards our
+        # resident size, and the kernel maps its neighbours along with it.
+        header = _LOCAL_HEADER.unpack(
+            read_range(RawBytes(self._fileno(), start, _LOCAL_HEADER.size))
+        )
         if header[0] != 0x04034B50:
             raise BadCheckpointError(
                 f"{where}: no zip header where the directory says; the file is corrupt"
@@ -552,6 +573,24 @@ class PthReader(CheckpointReader):
 
     # -- reading --
 
+    def _fileno(self) -> int:
+        if self._file is None:
+            raise ValueError(f"{self.path}: the reader is closed")
+        return self._file.fileno()
+
+    def raw(self, name: str) -> RawBytes | None:
+        """Where the tensor's bytes lie, for a contiguous little-endian tensor of a zip file."""
+        loc = self._located.get(name)
+        if loc is None or not loc.contiguous or loc.numpy_dtype.str[0] == ">":
+            return None
+        length = self.tensors[name].nbytes
+        if length == 0:
+            return None
+        start = loc.offset * loc.numpy_dtype.itemsize
+        # The record's CRC is this tensor's when the tensor is the whole record.
+        crc = loc.record_crc if start == 0 and length == loc.record_size else None
+        return RawBytes(self._fileno(), loc.data_offset + start, length, crc)
+
     def read(self, name: str) -> np.ndarray:
         """The tensor ``name`` as a new C-contiguous array (bfloat16 as uint16 bits)."""
         if name not in self.tensors:
@@ -565,6 +604,12 @@ class PthReader(CheckpointReader):
         if self._mmap is None:
             raise ValueError(f"{self.path}: the reader is closed")
         itemsize = loc.numpy_dtype.itemsize
+        if loc.contiguous:
+            # Straight into a new array: no page of the mmap becomes resident.
+            out = np.empty(loc.shape, dtype=loc.numpy_dtype)
+            start = loc.data_offset + loc.offset * itemsize
+            _read_exactly(self._fileno(), out.reshape(-1).view(np.uint8).data, start, self.path)
+            return out if loc.numpy_dtype == little else out.astype(little)
         extent = 1 + sum((n - 1) * s for n, s in zip(loc.shape, loc.stride, strict=True))
         flat = np.frombuffer(
             self._mmap,
@@ -594,6 +639,17 @@ class PthReader(CheckpointReader):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _read_exactly(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    while done < len(view):
+        got = pread_into(fd, view[done:], offset + done)
+        if got == 0:
+            raise BadCheckpointError(
+                f"{path}: the file ended early; it was truncated while being read"
+            )
+        done += got
 
 
 def _weights_only_reason(text: str) -> str:
@@ -798,9 +854,15 @@ class _ZipWriter:
         self._fp.write(data)
         self._pos += len(data)
 
-    def record(self, name: str, data: bytes | memoryview) -> None:
+    def record(self, name: str, data: bytes | memoryview | RawBytes) -> None:
+        """One stored record; ``RawBytes`` are copied file to file, not read into memory."""
         raw = name.encode("ascii")
-        size = len(data)
+        if isinstance(data, RawBytes):
+            size = data.length
+            crc = data.crc32 if data.crc32 is not None else crc32_range(data)
+        else:
+            size = len(data)
+            crc = zlib.crc32(data)
         offset = self._pos
         extra = b""
         size32 = size
@@ -813,7 +875,6 @@ class _ZipWriter:
         unpadded = offset + _LOCAL_HEADER.size + len(raw) + len(extra) + 4
         pad = -unpadded % _ALIGNMENT
         extra += struct.pack("<HH", 0x4246, pad) + b"Z" * pad
-        crc = zlib.crc32(data)
         version = 45 if zip64 else 20
         self._write(
             _LOCAL_HEADER.pack(
@@ -822,7 +883,13 @@ class _ZipWriter:
         )
         self._write(raw)
         self._write(extra)
-        self._write(data)
+        if isinstance(data, RawBytes):
+            self._fp.flush()
+            copy_range(data, self._fp.fileno(), self._pos)
+            self._pos += size
+            self._fp.seek(self._pos)
+        else:
+            self._write(data)
         self._entries.append(_ZipEntry(raw, offset, size, crc))
 
     def finish(self) -> None:
@@ -931,7 +998,7 @@ def _iter_unique(tensors: Sequence[TensorInfo]) -> Iterator[TensorInfo]:
 def write_pth(
     path: Path,
     tensors: Sequence[TensorInfo],
-    produce: Callable[[str], np.ndarray],
+    produce: Callable[[str], np.ndarray | RawBytes],
     container: Container,
 ) -> None:
     """Write a ``torch.save``-style zip checkpoint without importing torch.
@@ -949,7 +1016,8 @@ def write_pth(
             for writing it atomically).
         tensors: names, dtypes and shapes, in the order to write them.
         produce: returns each tensor's elements, of the numpy dtype that stores
-            its canonical dtype (bfloat16 as uint16 bits) and its exact shape.
+            its canonical dtype (bfloat16 as uint16 bits) and its exact shape,
+            or :class:`RawBytes` to copy file to file.
         container: how to wrap the state dict (see :class:`Container`).
 
     Raises:
@@ -967,8 +1035,17 @@ def write_pth(
         zw.record(f"{_ARCHIVE}/data.pkl", pickled)
         zw.record(f"{_ARCHIVE}/byteorder", b"little")
         for key, info in enumerate(infos):
-            data = _storage_bytes(info, produce(info.name))
+            value = produce(info.name)
+            if isinstance(value, RawBytes):
+                if value.length != info.nbytes:
+                    raise ValueError(
+                        f"tensor '{info.name}': produce() returned {value.length} raw bytes, "
+                        f"expected {info.nbytes}"
+                    )
+                data: memoryview | RawBytes = value
+            else:
+                data = _storage_bytes(info, value)
             zw.record(f"{_ARCHIVE}/data/{key}", data)
-            del data
+            del data, value
         zw.record(f"{_ARCHIVE}/version", b"3\n")
         zw.finish()

@@ -29,13 +29,15 @@ import numpy as np
 from acnet_convert import dtypes
 from acnet_convert.errors import BadCheckpointError
 
-from .base import CheckpointReader, Container, TensorInfo
+from .base import CheckpointReader, Container, RawBytes, TensorInfo
 from .containers import strip_prefix
+from .rawio import copy_range
 
 __all__ = [
     "MAX_HEADER_BYTES",
     "SafetensorsReader",
     "check_produced",
+    "check_raw",
     "write_safetensors",
 ]
 
@@ -79,6 +81,7 @@ class SafetensorsReader(CheckpointReader):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self._mmap: mmap.mmap | None = None
+        self._fd: int | None = None  # for raw(): copies and checksums by pread, not the mmap
         # Stripped name -> (absolute byte offset in the file, numpy storage dtype).
         self._where: dict[str, tuple[int, np.dtype[Any]]] = {}
         try:
@@ -89,6 +92,7 @@ class SafetensorsReader(CheckpointReader):
                 self._index(entries, 8 + header_len)
                 # Mapped only once the header has been checked against this size.
                 self._mmap = mmap.mmap(handle.fileno(), file_size, access=mmap.ACCESS_READ)
+                self._fd = os.dup(handle.fileno())
         except OSError as err:
             raise BadCheckpointError(
                 f"{path}: cannot be read as safetensors: {err.strerror or err}"
@@ -136,8 +140,18 @@ class SafetensorsReader(CheckpointReader):
             array.flags.writeable = False
         return array
 
+    def raw(self, name: str) -> RawBytes | None:
+        """Where the tensor's bytes lie: safetensors stores every tensor little-endian, C order."""
+        info = self.tensors[name]
+        if info.numel == 0 or self._fd is None:
+            return None
+        return RawBytes(self._fd, self._where[name][0], info.nbytes)
+
     def close(self) -> None:
         """Release the mmap (it lives on while arrays read from it are still referenced)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._mmap is not None:
             # Views handed out by read() may still use the mapping; it is then
             # unmapped when the last of them is garbage-collected.
@@ -299,7 +313,7 @@ def _check_entry(
 def write_safetensors(
     path: Path,
     tensors: Sequence[TensorInfo],
-    produce: Callable[[str], np.ndarray],
+    produce: Callable[[str], np.ndarray | RawBytes],
     metadata: dict[str, str],
     prefix: str = "",
 ) -> None:
@@ -316,7 +330,8 @@ def write_safetensors(
         path: where to write.
         tensors: names (unprefixed), canonical dtypes and shapes, in file order.
         produce: returns the tensor's elements in its storage dtype
-            (bfloat16 as uint16 bit patterns).
+            (bfloat16 as uint16 bit patterns), or :class:`RawBytes` to copy
+            file to file.
         metadata: the ``__metadata__`` strings (omitted from the header when empty).
         prefix: put back in front of every name (e.g. ``Container.prefix``).
 
@@ -351,9 +366,25 @@ def write_safetensors(
         handle.write(len(encoded).to_bytes(8, "little"))
         handle.write(encoded)
         for info in tensors:
-            array = check_produced(info, produce(info.name))
+            value = produce(info.name)
+            if isinstance(value, RawBytes):
+                check_raw(info, value)
+                handle.flush()
+                position = handle.tell()
+                copy_range(value, handle.fileno(), position)
+                handle.seek(position + value.length)
+                continue
+            array = check_produced(info, value)
             if array.size:
                 handle.write(array.reshape(-1).view(np.uint8).data)
+
+
+def check_raw(info: TensorInfo, raw: RawBytes) -> None:
+    """Raise ValueError unless ``raw`` holds exactly as many bytes as ``info`` needs."""
+    if raw.length != info.nbytes:
+        raise ValueError(
+            f"tensor '{info.name}': produced {raw.length} raw bytes, expected {info.nbytes}"
+        )
 
 
 def check_produced(info: TensorInfo, array: np.ndarray) -> np.ndarray:
