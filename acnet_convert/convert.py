@@ -5,28 +5,53 @@ shapes): it finds the blocks, checks their shapes and lays out the output.
 :func:`fuse_checkpoint` then loads one block at a time, fuses it, checks it
 numerically against its branches, and streams the output to a temporary file
 that is renamed into place only when everything has succeeded.
+
+Where the time and memory go (see DESIGN.md): a conversion is mostly I/O, so
+it never holds the whole input or output. Blocks are loaded, fused and checked
+a slab of output channels at a time (fusion is separable per output channel),
+and the fused tensors go to an unnamed scratch file beside the output as they
+are made; the writer then copies them, and every tensor that passes through
+unchanged, file to file in the kernel. The source's sha256 is computed in a
+background thread while the blocks are fused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
+import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
 
 from acnet_convert import __version__, dtypes
 from acnet_convert.atomic import atomic_output
-from acnet_convert.blockcheck import check_block
+from acnet_convert.blockcheck import BlockCheck, check_block
 from acnet_convert.blocks import BlockGeometry, block_geometry, load_block, to_layout
-from acnet_convert.checkpoint import CheckpointReader, TensorInfo, open_checkpoint, write_checkpoint
+from acnet_convert.checkpoint import (
+    CheckpointReader,
+    RawBytes,
+    TensorInfo,
+    open_checkpoint,
+    write_checkpoint,
+)
+from acnet_convert.checkpoint.rawio import crc32_range, read_range, same_bytes, write_range
 from acnet_convert.dialects import BlockSpec, Dialect, find_blocks
-from acnet_convert.errors import BadCheckpointError, UnfusableBlockError, UsageError, VerificationError
-from acnet_convert.fusion import fuse_block
+from acnet_convert.errors import (
+    BadCheckpointError,
+    UnfusableBlockError,
+    UsageError,
+    VerificationError,
+)
+from acnet_convert.fusion import BlockTensors, fuse_block
 
 __all__ = [
     "LAYOUTS",
@@ -73,6 +98,7 @@ class PlannedBlock:
     spec: BlockSpec
     geometry: BlockGeometry
     outputs: tuple[tuple[str, str], ...]  # (output key, role)
+    alias_of: str | None = None  # label of the block whose fused tensors this one repeats
 
     @property
     def consumed(self) -> tuple[str, ...]:
@@ -93,6 +119,8 @@ class FusionPlan:
     params_after: int
     bytes_before: int
     bytes_after: int
+    # (alias label, alias dialect, primary label): blocks whose keys are dropped as a second naming
+    dropped_aliases: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -167,17 +195,64 @@ class FuseReport:
             "checked": self.checked,
             "seconds": round(self.seconds, 4),
             "source_sha256": self.source_sha256,
+            "notes": list(self.notes),
             "blocks": [b.as_json() for b in self.blocks],
         }
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB pieces."""
+def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
+    """Hex sha256 of a file, read in 1 MiB pieces into one reused buffer.
+
+    ``stop``, when set, ends the reading early (the result is then meaningless).
+    """
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
+    buffer = bytearray(1 << 20)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as fh:
+        while (n := fh.readinto(buffer)) and not (stop is not None and stop.is_set()):
+            digest.update(view[:n])
     return digest.hexdigest()
+
+
+class _BackgroundDigest:
+    """The sha256 of a file, computed in a thread while the caller does other work.
+
+    hashlib and file reads release the GIL, so with a second core the digest
+    (a full read of the source, the slowest single step after the fusing
+    itself) costs no wall time until :meth:`hexdigest` is asked for it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._stop = threading.Event()
+        self._digest = ""
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="acnet-convert-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._digest = sha256_file(self._path, self._stop)
+        except OSError as err:
+            self._error = err
+
+    def hexdigest(self) -> str:
+        """Wait for the digest.
+
+        Raises:
+            BadCheckpointError: the file could not be read to the end.
+        """
+        self._thread.join()
+        if self._error is not None:
+            raise BadCheckpointError(
+                f"{self._path}: cannot be read to the end: {self._error.strerror or self._error}"
+            ) from self._error
+        return self._digest
+
+    def cancel(self) -> None:
+        """Stop reading and wait for the thread, so no file stays open behind the caller."""
+        self._stop.set()
+        self._thread.join()
 
 
 def _unit_prefix(spec: BlockSpec) -> str:
@@ -235,7 +310,10 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
     """
     source = str(reader.path)
     infos = reader.tensors
-    detection = find_blocks(infos, options.dialect, options.extra_dialects)
+    try:
+        detection = find_blocks(infos, options.dialect, options.extra_dialects, _same_tensor(reader))
+    except UnfusableBlockError as err:
+        raise UnfusableBlockError(f"{source}: {err}") from err
     if detection.dialect is None or not detection.blocks:
         raise UnfusableBlockError(
             f"{source}: no ACNet block found among {len(infos)} tensors (no key like "
@@ -250,6 +328,10 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
         raise UsageError(f"unknown layout '{options.layout}'; choose one of {', '.join(LAYOUTS)}")
     planned: list[PlannedBlock] = []
     owner: dict[str, int] = {}
+    dropped = [(a.block.label, a.block.dialect, a.primary.label) for a in detection.aliases if not a.copy]
+    for dropped_alias in detection.aliases:
+        if not dropped_alias.copy:
+            owner.update(dict.fromkeys(dropped_alias.block.keys(), _DROPPED))
     for spec in detection.blocks:
         geometry = block_geometry(spec, infos, source, dialect.kernel_layout)
         for key in spec.keys():
@@ -259,13 +341,23 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
                     f"'{planned[owner[key]].spec.label}' and '{spec.label}'"
                 )
             owner[key] = len(planned)
-        planned.append(PlannedBlock(spec, geometry, _layout_outputs(options.layout, spec)))
+        alias = detection.alias_of(spec)
+        planned.append(
+            PlannedBlock(
+                spec,
+                geometry,
+                _layout_outputs(options.layout, spec),
+                alias_of=alias.primary.label if alias else None,
+            )
+        )
 
     outputs: list[TensorInfo] = []
     origins: dict[str, str] = {}
     emitted: set[int] = set()
     for key, info in infos.items():
         index = owner.get(key)
+        if index == _DROPPED:
+            continue
         if index is None:
             outputs.append(TensorInfo(key, info.dtype, info.shape))
             origins[key] = key
@@ -296,7 +388,12 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
         dialect=dialect,
         eps=eps,
         blocks=tuple(
-            PlannedBlock(b.spec, b.geometry, tuple((_rename(k, options.renames), r) for k, r in b.outputs))
+            PlannedBlock(
+                b.spec,
+                b.geometry,
+                tuple((_rename(k, options.renames), r) for k, r in b.outputs),
+                b.alias_of,
+            )
             for b in planned
         ),
         outputs=tuple(renamed),
@@ -305,7 +402,65 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
         params_after=sum(t.numel for t in renamed),
         bytes_before=sum(t.nbytes for k, t in infos.items()),
         bytes_after=sum(t.nbytes for t in renamed),
+        dropped_aliases=tuple(dropped),
     )
+
+
+_DROPPED = -1  # owner of the keys of an alias block that is dropped
+
+
+def _same_tensor(reader: CheckpointReader) -> Callable[[str, str], bool]:
+    """``same(a, b)``: do keys a and b hold bit-identical tensors? Each key is read at most once."""
+    digests: dict[str, bytes] = {}
+
+    def digest(key: str) -> bytes:
+        if key not in digests:
+            digests[key] = hashlib.sha256(_raw_bytes(reader.read(key))).digest()
+        return digests[key]
+
+    def same(a: str, b: str) -> bool:
+        ia, ib = reader.tensors.get(a), reader.tensors.get(b)
+        if ia is None or ib is None:
+            return ia is ib
+        return (ia.dtype, ia.shape) == (ib.dtype, ib.shape) and digest(a) == digest(b)
+
+    return same
+
+
+def _plan_notes(plan: FusionPlan) -> tuple[str, ...]:
+    notes = [
+        f"block '{b.spec.label}' holds the same tensors as '{b.alias_of}' (a module registered "
+        "twice): fused once, written under both names"
+        for b in plan.blocks
+        if b.alias_of
+    ]
+    notes += [
+        f"dropped the keys of the '{dialect}' block '{alias}': they hold the same tensors as the "
+        f"'{plan.dialect.name}' block '{primary}' (another naming of it)"
+        for alias, dialect, primary in plan.dropped_aliases
+    ]
+    if plan.dialect.anchor is None:
+        notes.append(
+            "blocks were found by kernel shape alone (generic dialect); "
+            "check them with 'acnet-convert inspect' or name them with --patterns"
+        )
+    return tuple(notes)
+
+
+def _keras_attrs(reader: CheckpointReader, plan: FusionPlan) -> Any:
+    """The source's Keras layer list with each block's layers replaced by its fused layer."""
+    attrs = getattr(reader, "keras_attrs", None)
+    if attrs is None:
+        return None
+    from acnet_convert.checkpoint.hdf5_io import replace_keras_layers
+
+    replaced = {
+        key.split("/", 1)[0]: block.outputs[0][0].split("/", 1)[0]
+        for block in plan.blocks
+        for key in block.consumed
+        if "/" in key and "/" in block.outputs[0][0]
+    }
+    return replace_keras_layers(attrs, replaced)
 
 
 def _refuse_taken_bn(
@@ -329,18 +484,29 @@ def _identity_var(eps: float, dtype: str) -> np.ndarray:
 
 
 def _block_values(
-    block: PlannedBlock, weight: np.ndarray, bias: np.ndarray, eps: float, layout: str, count: np.ndarray | None
+    block: PlannedBlock,
+    weight: np.ndarray | None,
+    bias: np.ndarray,
+    eps: float,
+    layout: str,
+    count: np.ndarray | None,
 ) -> dict[str, np.ndarray]:
+    """The block's output tensors from its fused kernel (OIHW, already in its stored dtype;
+    None leaves the weight out) and its float64 bias."""
     g = block.geometry
     stored = {
-        "weight": dtypes.from_float64(to_layout(weight, layout), g.dtype),
+        "weight": to_layout(weight, layout) if weight is not None else None,
         "bias": dtypes.from_float64(bias, g.dtype),
         "bn_weight": dtypes.from_float64(np.ones(g.out_channels), g.dtype),
         "bn_mean": dtypes.from_float64(np.zeros(g.out_channels), g.dtype),
         "bn_var": np.repeat(_identity_var(eps, g.dtype), g.out_channels),
         "bn_count": count if count is not None else np.zeros((), dtype=np.int64),
     }
-    return {key: np.asarray(stored[role], order="C") for key, role in block.outputs}
+    return {
+        key: np.asarray(stored[role], order="C")
+        for key, role in block.outputs
+        if stored[role] is not None
+    }
 
 
 @dataclass(frozen=True)
@@ -357,39 +523,220 @@ class FusedState:
     blocks: tuple[BlockReport, ...]
 
 
+# Output channels are loaded, fused and checked in slabs of about this many
+# float64 bytes of square kernel, so a block's working set stays a few MiB
+# however wide the layer is. Smaller slabs cost more in per-call overhead;
+# larger ones save little time and add to the peak resident size.
+_SLAB_BYTES = 512 << 10
+
+
+def _block_slabs(
+    reader: CheckpointReader, block: PlannedBlock, eps: float, source: str, layout: str
+) -> Iterator[tuple[slice, BlockTensors]]:
+    """The block's tensors in float64 (checked by :func:`load_block`), a slab of channels at a time.
+
+    Fusing and checking are separable per output channel (each BN scales one
+    channel; the 1-D kernels add into that channel's square kernel), so fusing
+    slab by slab gives bit for bit what fusing the whole block gives. Kernel
+    rows are read straight from the file where the reader knows their bytes
+    (OIHW: a slab of output channels is one run of bytes); per-channel vectors
+    and kernels stored otherwise are read whole, once per block. Reads go by
+    ``pread`` where they can, so no page of a reader's mmap becomes resident.
+    """
+    g = block.geometry
+    rows_per_slab = max(1, _SLAB_BYTES // (8 * g.in_per_group * g.kernel * g.kernel))
+    whole: dict[str, np.ndarray] = {}
+    raws: dict[str, RawBytes | None] = {}
+
+    def rows_of(key: str, rows: slice) -> np.ndarray:
+        info = reader.tensors[key]
+        kernel = len(info.shape) == 4
+        if key not in raws:
+            raws[key] = reader.raw(key)
+        raw = raws[key]
+        if raw is not None and kernel and layout == "OIHW":
+            row = info.nbytes // info.shape[0]
+            count = rows.stop - rows.start
+            part = RawBytes(raw.fd, raw.offset + rows.start * row, count * row)
+            stored = np.frombuffer(read_range(part), dtype=dtypes.numpy_dtype(info.dtype))
+            return stored.reshape((count, *info.shape[1:]))
+        if key not in whole:
+            if raw is not None:
+                stored = np.frombuffer(read_range(raw), dtype=dtypes.numpy_dtype(info.dtype))
+                whole[key] = stored.reshape(info.shape)
+            else:
+                whole[key] = reader.read(key)
+        values = whole[key]
+        return values[..., rows] if kernel and layout == "HWIO" else values[rows]
+
+    for start in range(0, g.out_channels, rows_per_slab):
+        rows = slice(start, min(start + rows_per_slab, g.out_channels))
+
+        def read(key: str, rows: slice = rows) -> np.ndarray:
+            return rows_of(key, rows)
+
+        yield rows, load_block(block.spec, reader.tensors, read, eps, source, layout)
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """One block's check, merged over its slabs."""
+
+    passed: bool
+    max_abs: float
+    max_rel: float
+
+
+def _merge_checks(checks: Sequence[BlockCheck]) -> _Checked:
+    """What one check of the whole block would report: the largest difference relative
+    to the largest reference output, within the bound everywhere."""
+    max_abs = max(c.comparison.max_abs for c in checks)
+    ref_max = max(c.comparison.ref_max for c in checks)
+    max_rel = max_abs / ref_max if ref_max > 0 else (0.0 if max_abs == 0 else math.inf)
+    return _Checked(all(c.within_rounding for c in checks), max_abs, max_rel)
+
+
+def _fuse_one(
+    reader: CheckpointReader,
+    plan: FusionPlan,
+    block: PlannedBlock,
+    put_rows: Callable[[slice, np.ndarray], None],
+    rng: np.random.Generator | None,
+) -> tuple[np.ndarray, np.ndarray | None, _Checked | None]:
+    """Fuse one block slab by slab, and check it when given ``rng``.
+
+    Each slab of the fused kernel goes to ``put_rows(rows, slab)`` (OIHW, in
+    its stored dtype) as soon as it is made. Returns the float64 bias, the
+    square BN's ``num_batches_tracked`` (or None) and the merged check.
+    """
+    g = block.geometry
+    bias = np.empty(g.out_channels)
+    checks: list[BlockCheck] = []
+    layout = plan.dialect.kernel_layout
+    for rows, tensors in _block_slabs(reader, block, plan.eps, plan.source, layout):
+        w, b = fuse_block(tensors)
+        stored = dtypes.from_float64(w, g.dtype)
+        put_rows(rows, stored)
+        bias[rows] = b
+        if rng is not None:
+            stored_w = dtypes.to_float64(stored, g.dtype)
+            stored_b = dtypes.to_float64(dtypes.from_float64(b, g.dtype), g.dtype)
+            checks.append(check_block(tensors, stored_w, stored_b, stored_dtype=g.dtype, rng=rng))
+    spec = block.spec
+    count_key = spec.square.bn.count if spec.square.bn else None
+    count = np.array(reader.read(count_key)).reshape(()).astype(np.int64) if count_key else None
+    return bias, count, _merge_checks(checks) if checks else None
+
+
+class _FusedTensors:
+    """Where :func:`_fuse_blocks` puts the fused tensors: here, a dict in memory."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, np.ndarray] = {}
+
+    def rows(self, key: str, info: TensorInfo) -> Callable[[slice, np.ndarray], None] | None:
+        """A writer of the kernel ``key`` slab by slab (OIHW), or None to be handed it whole."""
+        return None
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        self.values[key] = value
+
+    def same_as(self, key: str, primary: str) -> None:
+        """``key`` holds what ``primary`` holds (an alias block's output)."""
+        self.values[key] = self.values[primary]
+
+
+class _ScratchFile(_FusedTensors):
+    """Fused tensors in an unnamed temporary file beside the output, as :class:`RawBytes`.
+
+    The writer copies them from there in the kernel, the read-back check
+    compares the output with them byte for byte, and at no point is more of
+    them in memory than a slab of one block.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self._file = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 - closed in close()
+        self._fd = self._file.fileno()
+        self._end = 0
+        self.raw: dict[str, RawBytes] = {}
+
+    def _reserve(self, key: str, length: int) -> int:
+        start = self._end
+        self.raw[key] = RawBytes(self._fd, start, length)
+        self._end += length
+        return start
+
+    def rows(self, key: str, info: TensorInfo) -> Callable[[slice, np.ndarray], None] | None:
+        start = self._reserve(key, info.nbytes)
+        row = info.nbytes // info.shape[0]
+
+        def put_rows(rows: slice, slab: np.ndarray) -> None:
+            write_range(self._fd, _raw_bytes(slab), start + rows.start * row)
+
+        return put_rows
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        data = _raw_bytes(value)
+        write_range(self._fd, data, self._reserve(key, len(data)))
+
+    def same_as(self, key: str, primary: str) -> None:
+        self.raw[key] = self.raw[primary]
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> _ScratchFile:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 def _fuse_blocks(
-    reader: CheckpointReader, plan: FusionPlan, options: FuseOptions, progress: ProgressCallback | None
-) -> tuple[dict[str, np.ndarray], tuple[BlockReport, ...]]:
-    """Fuse (and, with ``options.check``, check) every planned block: the blocks' output tensors.
+    reader: CheckpointReader,
+    plan: FusionPlan,
+    options: FuseOptions,
+    progress: ProgressCallback | None,
+    into: _FusedTensors,
+) -> tuple[BlockReport, ...]:
+    """Fuse (and, with ``options.check``, check) every planned block; its outputs go ``into``.
 
     Raises:
         VerificationError: a fused block does not reproduce its branches.
     """
     layout = plan.dialect.kernel_layout
-    rng = np.random.default_rng(options.seed)
-    fused: dict[str, np.ndarray] = {}
+    rng = np.random.default_rng(options.seed) if options.check else None
     reports: list[BlockReport] = []
     failures: list[str] = []
+    by_label = {b.spec.label: b for b in plan.blocks}
     for n, block in enumerate(plan.blocks):
         if progress:
             progress("fusing", n, len(plan.blocks))
-        tensors = load_block(block.spec, reader.tensors, reader.read, plan.eps, plan.source, layout)
-        weight, bias = fuse_block(tensors)
-        count_key = block.spec.square.bn.count if block.spec.square.bn else None
-        count = np.array(reader.read(count_key)).reshape(()).astype(np.int64) if count_key else None
-        values = _block_values(block, weight, bias, plan.eps, layout, count)
-        fused.update(values)
+        if block.alias_of is not None:
+            # bit-identical to a block fused before it: repeat its result
+            primary = {role: key for key, role in by_label[block.alias_of].outputs}
+            for key, role in block.outputs:
+                into.same_as(key, primary[role])
+            continue
         g = block.geometry
-        max_abs = max_rel = None
-        passed = None
-        if options.check:
-            stored_w = dtypes.to_float64(dtypes.from_float64(weight, g.dtype), g.dtype)
-            stored_b = dtypes.to_float64(dtypes.from_float64(bias, g.dtype), g.dtype)
-            result = check_block(tensors, stored_w, stored_b, stored_dtype=g.dtype, rng=rng)
-            passed = result.within_rounding
-            max_abs, max_rel = result.comparison.max_abs, result.comparison.max_rel
-            if not passed:
-                failures.append(f"'{block.spec.label}' (max relative difference {max_rel:.3g})")
+        weight_key = next(key for key, role in block.outputs if role == "weight")
+        oihw = TensorInfo(weight_key, g.dtype, (g.out_channels, g.in_per_group, g.kernel, g.kernel))
+        put_rows = into.rows(weight_key, oihw) if layout == "OIHW" else None
+        kernel = None
+        if put_rows is None:
+            kernel = np.empty(oihw.shape, dtypes.numpy_dtype(g.dtype))
+            put_rows = kernel.__setitem__
+        bias, count, checked = _fuse_one(reader, plan, block, put_rows, rng)
+        for key, value in _block_values(block, kernel, bias, plan.eps, layout, count).items():
+            into.put(key, value)
+        if checked is not None and not checked.passed:
+            failures.append(f"'{block.spec.label}' (max relative difference {checked.max_rel:.3g})")
         reports.append(
             BlockReport(
                 label=block.spec.label,
@@ -401,9 +748,9 @@ def _fuse_blocks(
                 affine=g.affine,
                 conv_bias=g.conv_bias,
                 outputs=tuple(k for k, _ in block.outputs),
-                max_abs=max_abs,
-                max_rel=max_rel,
-                passed=passed,
+                max_abs=checked.max_abs if checked else None,
+                max_rel=checked.max_rel if checked else None,
+                passed=checked.passed if checked else None,
             )
         )
     if failures:
@@ -411,7 +758,38 @@ def _fuse_blocks(
             f"{plan.source}: the fused conv does not reproduce the training-time branches of "
             f"block {', '.join(failures)}; nothing was written"
         )
-    return fused, tuple(reports)
+    return tuple(reports)
+
+
+class _OutputFeed:
+    """Hands a writer each output tensor, in order, and remembers what it should find in the file.
+
+    Fused tensors and pass-through tensors go as :class:`RawBytes` (from the
+    scratch file, or from the source where its reader knows them) to be
+    copied file to file; other pass-through tensors go as the arrays the
+    reader returns.
+    """
+
+    def __init__(
+        self, reader: CheckpointReader, plan: FusionPlan, fused: Mapping[str, RawBytes]
+    ) -> None:
+        self._reader = reader
+        self._origins = plan.origins
+        self._fused = fused
+        # output key -> the bytes it copies, or (crc32, length) of the array handed over
+        self.expected: dict[str, RawBytes | tuple[int, int]] = {}
+
+    def __call__(self, name: str) -> np.ndarray | RawBytes:
+        raw = self._fused.get(name)
+        if raw is None:
+            raw = self._reader.raw(self._origins[name])
+        if raw is not None:
+            self.expected[name] = raw
+            return raw
+        value = self._reader.read(self._origins[name])
+        data = _raw_bytes(value)
+        self.expected[name] = (zlib.crc32(data), len(data))
+        return value
 
 
 def fuse_state(
@@ -430,7 +808,9 @@ def fuse_state(
     ...     state = fuse_state(reader, FuseOptions(layout="baseline"))
     """
     plan = plan_fusion(reader, options)
-    fused, reports = _fuse_blocks(reader, plan, options, progress)
+    store = _FusedTensors()
+    reports = _fuse_blocks(reader, plan, options, progress, store)
+    fused = store.values
     tensors = {
         t.name: fused[t.name] if t.name in fused else np.array(reader.read(plan.origins[t.name]), copy=True)
         for t in plan.outputs
@@ -477,28 +857,37 @@ def fuse_checkpoint(
     if not output.parent.is_dir():
         raise UsageError(f"{output}: the folder '{output.parent}' does not exist")
 
-    with open_checkpoint(source, trust_pickle=options.trust_pickle) as reader:
+    with (
+        open_checkpoint(source, trust_pickle=options.trust_pickle) as reader,
+        _ScratchFile(output.parent) as scratch,
+    ):
         plan = plan_fusion(reader, options)
-        fused, reports = _fuse_blocks(reader, plan, options, progress)
-        digest = sha256_file(source)
+        hashing = _BackgroundDigest(source)
+        try:
+            reports = _fuse_blocks(reader, plan, options, progress, scratch)
+            digest = hashing.hexdigest()
+        finally:
+            hashing.cancel()
         metadata = dict(reader.metadata)
         metadata.update(
             {
                 "acnet_convert.version": __version__,
                 "acnet_convert.eps": repr(plan.eps),
-                "acnet_convert.blocks_fused": str(len(plan.blocks)),
+                "acnet_convert.blocks_fused": str(len(reports)),
                 "acnet_convert.dialect": plan.dialect.name,
                 "acnet_convert.layout": options.layout,
                 "acnet_convert.source_sha256": digest,
                 "acnet_convert.source": source.name,
             }
         )
+        aliases = {b.spec.label: b.alias_of for b in plan.blocks if b.alias_of}
+        aliases.update({f"{a} ({d})": p for a, d, p in plan.dropped_aliases})
+        if aliases:
+            import json
 
-        def produce(name: str) -> np.ndarray:
-            if name in fused:
-                return fused[name]
-            return reader.read(plan.origins[name])
+            metadata["acnet_convert.aliases"] = json.dumps(aliases)
 
+        feed = _OutputFeed(reader, plan, scratch.raw)
         if progress:
             progress("writing", 0, 1)
         with atomic_output(output) as tmp:
@@ -506,15 +895,17 @@ def fuse_checkpoint(
                 tmp,
                 fmt,
                 plan.outputs,
-                produce,
+                feed,
                 container=reader.container,
                 metadata=metadata,
                 source=reader,
+                keras_attrs=_keras_attrs(reader, plan) if fmt == "hdf5" else None,
             )
-            _confirm_written(tmp, output, plan.outputs, produce)
+            _confirm_written(tmp, output, plan.outputs, feed.expected)
         notes = tuple(
             f"dropped '{k}' from the container: it refers to training-time parameters" for k in reader.container.dropped
         ) if fmt == "pth" else ()
+        notes += _plan_notes(plan)
         report = FuseReport(
             source=str(source),
             output=str(output),
@@ -537,13 +928,28 @@ def fuse_checkpoint(
 
 
 def _raw_bytes(array: np.ndarray) -> memoryview:
-    return memoryview(np.ascontiguousarray(array)).cast("B")
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
 
 
 def _confirm_written(
-    tmp: Path, output: Path, expected: Sequence[TensorInfo], produce: Callable[[str], np.ndarray]
+    tmp: Path,
+    output: Path,
+    expected: Sequence[TensorInfo],
+    landed: Mapping[str, RawBytes | tuple[int, int]],
 ) -> None:
-    """Read the written file back and compare every tensor with what was meant."""
+    """Read the written file back: every tensor listed as meant, and every byte as meant.
+
+    The index (names, dtypes, shapes) is compared in full, and so is every
+    tensor that was handed over as bytes (fused tensors from the scratch
+    file, pass-through tensors from the source), byte for byte through two
+    small buffers: one read of the output and of what it copied, mostly from
+    the page cache, without holding a tensor. A tensor handed over as an
+    array (a pass-through tensor whose bytes the reader could not point to:
+    strided, big-endian, chunked) is compared by the CRC-32 taken as it went
+    to the writer, instead of keeping it: that catches a writer bug or an
+    I/O fault (odds of missing a random corruption: 1 in 2**32), which is
+    what this check is for.
+    """
     try:
         with open_checkpoint(tmp) as written:
             # HDF5 lists datasets by name, not in writing order: compare as mappings.
@@ -555,7 +961,24 @@ def _confirm_written(
                     f"{output}: the written file does not list the expected tensors (first difference: {differ[0][0]})"
                 )
             for info in expected:
-                if _raw_bytes(written.read(info.name)) != _raw_bytes(produce(info.name)):
+                if not _landed_intact(written, info.name, landed.get(info.name)):
                     raise BadCheckpointError(f"{output}: tensor '{info.name}' did not land intact")
     except BadCheckpointError as err:
         raise BadCheckpointError(f"{output}: reading the output back failed: {err}") from err
+
+
+def _landed_intact(
+    written: CheckpointReader, name: str, meant: RawBytes | tuple[int, int] | None
+) -> bool:
+    if meant is None:
+        return False
+    stored = written.raw(name)
+    if isinstance(meant, RawBytes):
+        if stored is not None:
+            return same_bytes(meant, stored)
+        return bytes(_raw_bytes(written.read(name))) == read_range(meant)
+    crc, length = meant
+    if stored is not None:
+        return stored.length == length and crc32_range(stored) == crc
+    data = _raw_bytes(written.read(name))
+    return len(data) == length and zlib.crc32(data) == crc
