@@ -34,7 +34,9 @@ def atomic_output(destination: Path) -> Iterator[Path]:
     >>> with atomic_output(Path("out.bin")) as tmp:  # doctest: +SKIP
     ...     tmp.write_bytes(b"data")
     """
-    fd, name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent)
+    fd, name = tempfile.mkstemp(
+        prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent
+    )
     os.close(fd)
     tmp = Path(name)
     try:

@@ -62,7 +62,9 @@ def output_path(source: Path, out_dir: Path, to_format: str | None) -> tuple[Pat
         return out_dir / (source.stem + _SUFFIX[fmt]), fmt
 
 
-def _fuse_one(source: Path, out_dir: Path, to_format: str | None, options: FuseOptions, force: bool) -> BatchItem:
+def _fuse_one(
+    source: Path, out_dir: Path, to_format: str | None, options: FuseOptions, force: bool
+) -> BatchItem:
     output = out_dir / source.name
     try:
         output, fmt = output_path(source, out_dir, to_format)
@@ -92,7 +94,9 @@ def fuse_many(
     names = [p.stem if to_format else p.name for p in sources]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
-        raise UsageError(f"two inputs would both be written as '{dup}' in {out_dir}; fuse them into separate folders")
+        raise UsageError(
+            f"two inputs would both be written as '{dup}' in {out_dir}; fuse them into separate folders"
+        )
     results: dict[int, BatchItem] = {}
     for index, item in _run(sources, out_dir, to_format, options, force, jobs):
         results[index] = item
@@ -102,13 +106,21 @@ def fuse_many(
 
 
 def _run(
-    sources: Sequence[Path], out_dir: Path, to_format: str | None, options: FuseOptions, force: bool, jobs: int
+    sources: Sequence[Path],
+    out_dir: Path,
+    to_format: str | None,
+    options: FuseOptions,
+    force: bool,
+    jobs: int,
 ) -> Iterator[tuple[int, BatchItem]]:
     if jobs <= 1 or len(sources) == 1:
         for i, src in enumerate(sources):
             yield i, _fuse_one(src, out_dir, to_format, options, force)
         return
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(_fuse_one, src, out_dir, to_format, options, force): i for i, src in enumerate(sources)}
+        futures = {
+            pool.submit(_fuse_one, src, out_dir, to_format, options, force): i
+            for i, src in enumerate(sources)
+        }
         for future in as_completed(futures):
             yield futures[future], future.result()

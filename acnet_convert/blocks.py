@@ -19,7 +19,7 @@ from acnet_convert.dialects import BlockSpec, BNSpec, BranchSpec
 from acnet_convert.errors import UnfusableBlockError
 from acnet_convert.fusion import BlockTensors, BNStats, Branch
 
-__all__ = ["BlockGeometry", "block_geometry", "load_block", "to_layout", "from_layout"]
+__all__ = ["BlockGeometry", "block_geometry", "from_layout", "load_block", "to_layout"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,9 @@ class _Checker:
     def vector(self, key: str, channels: int) -> None:
         shape = self.info(key).shape
         if shape != (channels,):
-            raise self.fail(f"'{key}' has shape {list(shape)}, expected [{channels}] (one value per output channel)")
+            raise self.fail(
+                f"'{key}' has shape {list(shape)}, expected [{channels}] (one value per output channel)"
+            )
 
     def bn(self, bn: BNSpec | None, channels: int, role: str) -> None:
         if bn is None:
@@ -113,20 +115,23 @@ def block_geometry(
     if out_ch == 0 or in_ch == 0:
         raise c.fail(f"'{spec.square.weight}' has shape {list(square)} with no channels")
     shapes = [_oihw(c.info(b.weight, hint).shape, layout) for b in spec.branches]
-    for branch, shape in zip(spec.branches, shapes):
+    for branch, shape in zip(spec.branches, shapes, strict=True):
         if len(shape) != 4 or shape[:2] != (out_ch, in_ch):
             raise c.fail(
                 f"'{branch.weight}' has shape {list(shape)}, which does not fit the square kernel "
                 f"{list(square)} (expected [{out_ch}, {in_ch}, 1, k] or [{out_ch}, {in_ch}, k, 1])"
             )
-    kinds = ["hor" if s[2] == 1 and s[3] > 1 else "ver" if s[3] == 1 and s[2] > 1 else "bad" for s in shapes]
+    kinds = [
+        "hor" if s[2] == 1 and s[3] > 1 else "ver" if s[3] == 1 and s[2] > 1 else "bad"
+        for s in shapes
+    ]
     if sorted(kinds) != ["hor", "ver"]:
         raise c.fail(
             f"the 1-D kernels '{spec.branches[0].weight}' {list(shapes[0][2:])} and "
             f"'{spec.branches[1].weight}' {list(shapes[1][2:])} are not one 1xk and one kx1"
         )
     hor_index = kinds.index("hor")
-    for branch, shape in zip(spec.branches, shapes):
+    for branch, shape in zip(spec.branches, shapes, strict=True):
         length = max(shape[2], shape[3])
         if length % 2 == 0 or length > kh:
             raise c.fail(
@@ -184,7 +189,9 @@ def load_block(
             return None
         var = load(s.var)
         if np.any(var + eps <= 0):
-            raise c.fail(f"'{s.var}' + eps ({eps:g}) is not positive; the BN statistics are corrupt")
+            raise c.fail(
+                f"'{s.var}' + eps ({eps:g}) is not positive; the BN statistics are corrupt"
+            )
         return BNStats(
             mean=load(s.mean),
             var=var,

@@ -51,7 +51,9 @@ def _emit_json(data: Any) -> None:
 
 
 def _json_option(fn: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report on stdout.")(fn)
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print a machine-readable JSON report on stdout."
+    )(fn)
 
 
 def _trust_option(fn: F) -> F:
@@ -63,7 +65,10 @@ def _trust_option(fn: F) -> F:
     )(fn)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=_EXIT_HELP)
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=_EXIT_HELP,
+)
 @click.version_option(__version__, prog_name="acnet-convert")
 def cli() -> None:
     """Fuse trained ACNet checkpoints into plain-conv checkpoints, and prove they agree.
@@ -135,19 +140,60 @@ def _summary(report: Any) -> str:
 
 @cli.command(epilog=_EXIT_HELP)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--to", "to_format", type=click.Choice(["pth", "hdf5", "safetensors"]), help="Output format (default: from OUT's extension; with --out-dir: the input's).")
-@click.option("--eps", type=float, default=None, help="BatchNorm epsilon. [default: 1e-5, upstream ACNet's; 1e-3 for Keras files]")
+@click.option(
+    "--to",
+    "to_format",
+    type=click.Choice(["pth", "hdf5", "safetensors"]),
+    help="Output format (default: from OUT's extension; with --out-dir: the input's).",
+)
+@click.option(
+    "--eps",
+    type=float,
+    default=None,
+    help="BatchNorm epsilon. [default: 1e-5, upstream ACNet's; 1e-3 for Keras files]",
+)
 @click.option("--no-check", is_flag=True, help="Skip the numerical check of every fused block.")
 @click.option("--force", "-f", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--layout", type=click.Choice(["deploy", "baseline", "baseline-bias"]), default="deploy", show_default=True,
-              help="deploy: <p>.fused_conv.{weight,bias}; baseline: <u>.conv.weight + identity <u>.bn.*; "
-              "baseline-bias: <u>.conv.{weight,bias}.")
-@click.option("--dialect", default=None, help="Force a naming dialect instead of detecting it (see 'inspect').")
-@click.option("--patterns", type=click.Path(path_type=Path), default=None, help="TOML file defining extra naming dialects.")
-@click.option("--rename", multiple=True, metavar="REGEX=REPLACEMENT", help="Rename output keys (repeatable, applied in order).")
+@click.option(
+    "--layout",
+    type=click.Choice(["deploy", "baseline", "baseline-bias"]),
+    default="deploy",
+    show_default=True,
+    help="deploy: <p>.fused_conv.{weight,bias}; baseline: <u>.conv.weight + identity <u>.bn.*; "
+    "baseline-bias: <u>.conv.{weight,bias}.",
+)
+@click.option(
+    "--dialect",
+    default=None,
+    help="Force a naming dialect instead of detecting it (see 'inspect').",
+)
+@click.option(
+    "--patterns",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="TOML file defining extra naming dialects.",
+)
+@click.option(
+    "--rename",
+    multiple=True,
+    metavar="REGEX=REPLACEMENT",
+    help="Rename output keys (repeatable, applied in order).",
+)
 @click.option("--dry-run", is_flag=True, help="Show what would be written, write nothing.")
-@click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False), default=None, help="Fuse every PATH into this folder (same file name).")
-@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="Worker processes with --out-dir.")
+@click.option(
+    "--out-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Fuse every PATH into this folder (same file name).",
+)
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Worker processes with --out-dir.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress or summary on stderr.")
 @_trust_option
 @_json_option
@@ -196,7 +242,11 @@ def fuse(
         with err.status("fusing...") as status:
 
             def progress(stage: str, done: int, total: int) -> None:
-                status.update(f"{stage} {source.name}: {done}/{total}" if stage == "fusing" else f"{stage} {output.name}")
+                status.update(
+                    f"{stage} {source.name}: {done}/{total}"
+                    if stage == "fusing"
+                    else f"{stage} {output.name}"
+                )
 
             report = fuse_checkpoint(source, output, fmt, options, force=force, progress=progress)
     if not quiet:
@@ -241,9 +291,13 @@ def _fuse_batch(
                 done(item)
                 bar.advance(task)
 
-            items = fuse_many(sources, out_dir, to_format, options, force=force, jobs=jobs, on_done=tick)
+            items = fuse_many(
+                sources, out_dir, to_format, options, force=force, jobs=jobs, on_done=tick
+            )
     else:
-        items = fuse_many(sources, out_dir, to_format, options, force=force, jobs=jobs, on_done=done)
+        items = fuse_many(
+            sources, out_dir, to_format, options, force=force, jobs=jobs, on_done=done
+        )
     failed = [i for i in items if i.exit_code != 0]
     if show:
         err.print(f"{len(items) - len(failed)} of {len(items)} checkpoints fused into {out_dir}")
@@ -252,7 +306,13 @@ def _fuse_batch(
             {
                 "out_dir": str(out_dir),
                 "results": [
-                    {"source": i.source, "output": i.output, "exit_code": i.exit_code, "error": i.error, "report": i.report}
+                    {
+                        "source": i.source,
+                        "output": i.output,
+                        "exit_code": i.exit_code,
+                        "error": i.error,
+                        "report": i.report,
+                    }
                     for i in items
                 ],
             }
@@ -267,12 +327,21 @@ def _dry_run(source: Path, output: Path, fmt: str, options: Any, as_json: bool) 
     with open_checkpoint(source, trust_pickle=options.trust_pickle) as reader:
         plan = plan_fusion(reader, options)
         mapping = [
-            {"block": b.spec.label, "from": list(b.consumed), "to": [k for k, _ in b.outputs]} for b in plan.blocks
+            {"block": b.spec.label, "from": list(b.consumed), "to": [k for k, _ in b.outputs]}
+            for b in plan.blocks
         ]
         copied = [{"from": src, "to": dst} for dst, src in plan.origins.items() if src != dst]
     if as_json:
-        _emit_json({"source": str(source), "output": str(output), "format_out": fmt, "blocks": mapping,
-                    "renamed": copied, "outputs": [t.name for t in plan.outputs]})
+        _emit_json(
+            {
+                "source": str(source),
+                "output": str(output),
+                "format_out": fmt,
+                "blocks": mapping,
+                "renamed": copied,
+                "outputs": [t.name for t in plan.outputs],
+            }
+        )
         return
     from rich.table import Table
 
@@ -289,13 +358,39 @@ def _dry_run(source: Path, output: Path, fmt: str, options: Any, as_json: bool) 
 
 @cli.command(epilog=_EXIT_HELP)
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--filter", "name_filter", default=None, metavar="REGEX", help="Only list tensors whose name matches.")
+@click.option(
+    "--filter",
+    "name_filter",
+    default=None,
+    metavar="REGEX",
+    help="Only list tensors whose name matches.",
+)
 @click.option("--dialect", default=None, help="Force a naming dialect.")
-@click.option("--patterns", type=click.Path(path_type=Path), default=None, help="TOML file defining extra naming dialects.")
-@click.option("--eps", type=float, default=None, help="BatchNorm epsilon assumed for the 'after fusing' figures.")
-@click.option("--layout", type=click.Choice(["deploy", "baseline", "baseline-bias"]), default="deploy", show_default=True,
-              help="Layout assumed for the 'after fusing' figures.")
-@click.option("--rename", multiple=True, metavar="REGEX=REPLACEMENT", help="Show output names after these renames.")
+@click.option(
+    "--patterns",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="TOML file defining extra naming dialects.",
+)
+@click.option(
+    "--eps",
+    type=float,
+    default=None,
+    help="BatchNorm epsilon assumed for the 'after fusing' figures.",
+)
+@click.option(
+    "--layout",
+    type=click.Choice(["deploy", "baseline", "baseline-bias"]),
+    default="deploy",
+    show_default=True,
+    help="Layout assumed for the 'after fusing' figures.",
+)
+@click.option(
+    "--rename",
+    multiple=True,
+    metavar="REGEX=REPLACEMENT",
+    help="Show output names after these renames.",
+)
 @_trust_option
 @_json_option
 def inspect(
@@ -635,7 +730,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except SystemExit:
         raise
     except MemoryError:
-        _fail(_stderr(), "out of memory while reading the input; is the file what it claims to be?", EXIT_UNUSABLE)
+        _fail(
+            _stderr(),
+            "out of memory while reading the input; is the file what it claims to be?",
+            EXIT_UNUSABLE,
+        )
     except Exception as err:  # a bug, not the user's fault: say so in one line
         _fail(
             _stderr(),

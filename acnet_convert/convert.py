@@ -58,9 +58,9 @@ __all__ = [
     "BlockReport",
     "FuseOptions",
     "FuseReport",
+    "FusedState",
     "FusionPlan",
     "PlannedBlock",
-    "FusedState",
     "fuse_checkpoint",
     "fuse_state",
     "plan_fusion",
@@ -311,7 +311,9 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
     source = str(reader.path)
     infos = reader.tensors
     try:
-        detection = find_blocks(infos, options.dialect, options.extra_dialects, _same_tensor(reader))
+        detection = find_blocks(
+            infos, options.dialect, options.extra_dialects, _same_tensor(reader)
+        )
     except UnfusableBlockError as err:
         raise UnfusableBlockError(f"{source}: {err}") from err
     if detection.dialect is None or not detection.blocks:
@@ -328,13 +330,15 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
         raise UsageError(f"unknown layout '{options.layout}'; choose one of {', '.join(LAYOUTS)}")
     planned: list[PlannedBlock] = []
     owner: dict[str, int] = {}
-    dropped = [(a.block.label, a.block.dialect, a.primary.label) for a in detection.aliases if not a.copy]
+    dropped = [
+        (a.block.label, a.block.dialect, a.primary.label) for a in detection.aliases if not a.copy
+    ]
     for dropped_alias in detection.aliases:
         if not dropped_alias.copy:
             owner.update(dict.fromkeys(dropped_alias.block.keys(), _DROPPED))
     for spec in detection.blocks:
         geometry = block_geometry(spec, infos, source, dialect.kernel_layout)
-        for key in spec.keys():
+        for key in spec.keys():  # noqa: SIM118 - BlockSpec.keys(), not a dict
             if key in owner:
                 raise UnfusableBlockError(
                     f"{source}: key '{key}' belongs to two blocks, "
@@ -372,7 +376,7 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
         _refuse_taken_bn(planned, origins, source)
     renamed = [TensorInfo(_rename(t.name, options.renames), t.dtype, t.shape) for t in outputs]
     seen: dict[str, str] = {}
-    for before, after in zip(outputs, renamed):
+    for before, after in zip(outputs, renamed, strict=True):
         if after.name in seen:
             what = "after --rename " if options.renames else ""
             raise (UsageError if options.renames else UnfusableBlockError)(
@@ -381,7 +385,9 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
             )
         seen[after.name] = before.name
     final_origins = {
-        after.name: origins[before.name] for before, after in zip(outputs, renamed) if before.name in origins
+        after.name: origins[before.name]
+        for before, after in zip(outputs, renamed, strict=True)
+        if before.name in origins
     }
     return FusionPlan(
         source=source,
@@ -793,7 +799,10 @@ class _OutputFeed:
 
 
 def fuse_state(
-    reader: CheckpointReader, options: FuseOptions = FuseOptions(), *, progress: ProgressCallback | None = None
+    reader: CheckpointReader,
+    options: FuseOptions = FuseOptions(),
+    *,
+    progress: ProgressCallback | None = None,
 ) -> FusedState:
     """Plan and fuse an open training checkpoint in memory, without writing anything.
 
@@ -812,7 +821,9 @@ def fuse_state(
     reports = _fuse_blocks(reader, plan, options, progress, store)
     fused = store.values
     tensors = {
-        t.name: fused[t.name] if t.name in fused else np.array(reader.read(plan.origins[t.name]), copy=True)
+        t.name: fused[t.name]
+        if t.name in fused
+        else np.array(reader.read(plan.origins[t.name]), copy=True)
         for t in plan.outputs
     }
     return FusedState(plan, tensors, reports)
@@ -902,9 +913,14 @@ def fuse_checkpoint(
                 keras_attrs=_keras_attrs(reader, plan) if fmt == "hdf5" else None,
             )
             _confirm_written(tmp, output, plan.outputs, feed.expected)
-        notes = tuple(
-            f"dropped '{k}' from the container: it refers to training-time parameters" for k in reader.container.dropped
-        ) if fmt == "pth" else ()
+        notes = (
+            tuple(
+                f"dropped '{k}' from the container: it refers to training-time parameters"
+                for k in reader.container.dropped
+            )
+            if fmt == "pth"
+            else ()
+        )
         notes += _plan_notes(plan)
         report = FuseReport(
             source=str(source),

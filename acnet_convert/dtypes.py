@@ -75,7 +75,9 @@ def from_float64(array: np.ndarray, dtype: str) -> np.ndarray:
         # Through float32 first, as torch's double -> bfloat16 cast does.
         bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
         nan = np.isnan(bits.view(np.float32))
-        rounded = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+        rounded = (
+            bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+        ) >> np.uint32(16)
         out = rounded.astype(np.uint16)
         out[nan] = np.uint16(0x7FC0)
         return out

@@ -22,8 +22,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 __all__ = [
     "BNStats",
-    "Branch",
     "BlockTensors",
+    "Branch",
     "Comparison",
     "centre_add",
     "compare_outputs",
@@ -81,7 +81,9 @@ class BlockTensors:
     last_bn: BNStats | None = None
 
 
-def fold_bn(weight: np.ndarray, bias: np.ndarray | None, bn: BNStats | None) -> tuple[np.ndarray, np.ndarray]:
+def fold_bn(
+    weight: np.ndarray, bias: np.ndarray | None, bn: BNStats | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Fold an eval-mode BN into the conv before it.
 
     ``W' = W * t``, ``b' = beta + (b - running_mean) * t`` with

@@ -43,7 +43,8 @@ class Inspection:
             "dropped_on_fuse": list(self.dropped),
             "metadata": self.metadata,
             "tensors": [
-                {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "numel": t.numel} for t in self.listed
+                {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "numel": t.numel}
+                for t in self.listed
             ],
             "totals": {
                 "tensors": len(self.tensors),
@@ -73,7 +74,9 @@ class Inspection:
         }
 
 
-def inspect_checkpoint(path: Path, options: FuseOptions, name_filter: str | None = None) -> Inspection:
+def inspect_checkpoint(
+    path: Path, options: FuseOptions, name_filter: str | None = None
+) -> Inspection:
     """Index a checkpoint and plan (without running) its fusion.
 
     Raises:
@@ -144,7 +147,9 @@ def render_inspection(result: Inspection, console: Any) -> None:
             console.print("no ACNet blocks found: the checkpoint looks fused or plain already")
         console.print(f"total: {params:,} parameters, {nbytes:,} bytes")
         return
-    blocks = Table(title=f"{len(plan.blocks)} blocks ({plan.dialect.name} dialect, eps {plan.eps:g})")
+    blocks = Table(
+        title=f"{len(plan.blocks)} blocks ({plan.dialect.name} dialect, eps {plan.eps:g})"
+    )
     for col in ("block", "kernel", "1xk", "kx1", "channels", "last_bn", "affine", "becomes"):
         blocks.add_column(col, overflow="fold")
     for b in plan.blocks:

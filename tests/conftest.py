@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
-from acnet_convert.cli import cli
-
 
 @dataclass
 class CliRun:
@@ -46,7 +44,9 @@ def run_cli() -> CliRun:
     return CliRun()
 
 
-def bn_stats(rng: np.random.Generator, channels: int, prefix: str, affine: bool = True) -> dict[str, np.ndarray]:
+def bn_stats(
+    rng: np.random.Generator, channels: int, prefix: str, affine: bool = True
+) -> dict[str, np.ndarray]:
     """Realistic-looking eval-mode BN tensors under ``prefix``."""
     out = {
         f"{prefix}.running_mean": rng.normal(0, 0.5, channels).astype(np.float32),

@@ -68,7 +68,9 @@ def test_fused_checkpoint_has_no_blocks(tmp_path: Path, run_cli) -> None:
     assert not (tmp_path / "again.pth").exists()
 
 
-def test_check_failure_exits_1_and_writes_nothing(tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_check_failure_exits_1_and_writes_nothing(
+    tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = convert.fuse_block
 
     def broken(block):  # type: ignore[no-untyped-def]
@@ -105,12 +107,20 @@ def test_negative_eps_is_a_usage_error(tmp_path: Path, run_cli) -> None:
 def test_dry_run_writes_nothing_and_shows_renames(tmp_path: Path, run_cli) -> None:
     out = tmp_path / "o.pth"
     result = run_cli(
-        "fuse", FIXTURES / "resnet_like.pth", out, "--dry-run", "--json", "--rename", r"^stage1\.0\.=layer1.0."
+        "fuse",
+        FIXTURES / "resnet_like.pth",
+        out,
+        "--dry-run",
+        "--json",
+        "--rename",
+        r"^stage1\.0\.=layer1.0.",
     )
     plan = json.loads(result.stdout)
     assert not out.exists()
     assert "layer1.0.conv1.acb.fused_conv.weight" in plan["outputs"]
-    assert {"from": "stage1.0.shortcut.0.weight", "to": "layer1.0.shortcut.0.weight"} in plan["renamed"]
+    assert {"from": "stage1.0.shortcut.0.weight", "to": "layer1.0.shortcut.0.weight"} in plan[
+        "renamed"
+    ]
     human = run_cli("fuse", FIXTURES / "resnet_like.pth", out, "--dry-run")
     assert "nothing written" in human.stdout
 
@@ -123,12 +133,16 @@ def test_rename_applies_to_written_keys(tmp_path: Path, run_cli) -> None:
 
 
 def test_colliding_renames_are_refused(tmp_path: Path, run_cli) -> None:
-    result = run_cli("fuse", FIXTURES / "resnet_like.pth", tmp_path / "o.pth", "--rename", ".*=x", expect=2)
+    result = run_cli(
+        "fuse", FIXTURES / "resnet_like.pth", tmp_path / "o.pth", "--rename", ".*=x", expect=2
+    )
     assert "written twice" in result.stderr
 
 
 def test_bad_rename_syntax(tmp_path: Path, run_cli) -> None:
-    run_cli("fuse", FIXTURES / "resnet_like.pth", tmp_path / "o.pth", "--rename", "noequals", expect=2)
+    run_cli(
+        "fuse", FIXTURES / "resnet_like.pth", tmp_path / "o.pth", "--rename", "noequals", expect=2
+    )
     run_cli("fuse", FIXTURES / "resnet_like.pth", tmp_path / "o.pth", "--rename", "(=x", expect=2)
 
 
@@ -139,7 +153,11 @@ def test_baseline_layout_identity_bn_reproduces_fused_conv(tmp_path: Path, run_c
     d, b = torch.load(deploy, weights_only=True), torch.load(base, weights_only=True)
     u = "stage1.0.conv1."
     assert {k for k in b if k.startswith(u)} == {
-        u + "conv.weight", u + "bn.weight", u + "bn.bias", u + "bn.running_mean", u + "bn.running_var",
+        u + "conv.weight",
+        u + "bn.weight",
+        u + "bn.bias",
+        u + "bn.running_mean",
+        u + "bn.running_var",
         u + "bn.num_batches_tracked",
     }
     conv = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False)
@@ -147,7 +165,9 @@ def test_baseline_layout_identity_bn_reproduces_fused_conv(tmp_path: Path, run_c
     conv.load_state_dict({"weight": b[u + "conv.weight"]})
     bn.load_state_dict({k[len(u) + 3 :]: v for k, v in b.items() if k.startswith(u + "bn.")})
     fused = torch.nn.Conv2d(8, 16, 3, padding=1)
-    fused.load_state_dict({"weight": d[u + "acb.fused_conv.weight"], "bias": d[u + "acb.fused_conv.bias"]})
+    fused.load_state_dict(
+        {"weight": d[u + "acb.fused_conv.weight"], "bias": d[u + "acb.fused_conv.bias"]}
+    )
     x = torch.randn(2, 8, 9, 9)
     with torch.no_grad():
         torch.testing.assert_close(bn(conv(x)), fused(x), rtol=1e-6, atol=1e-6)
@@ -161,7 +181,9 @@ def test_baseline_bias_layout(tmp_path: Path, run_cli) -> None:
 
 
 def test_inspect_json_and_filter(run_cli) -> None:
-    result = run_cli("inspect", FIXTURES / "ddp_wrapped.pth", "--json", "--filter", r"conv1\.acb\.square")
+    result = run_cli(
+        "inspect", FIXTURES / "ddp_wrapped.pth", "--json", "--filter", r"conv1\.acb\.square"
+    )
     data = json.loads(result.stdout)
     assert data["format"] == "pth" and data["prefix"] == "module."
     assert data["dropped_on_fuse"] == ["optimizer"]
@@ -188,8 +210,16 @@ def test_out_dir_with_jobs_reports_failures_and_keeps_going(tmp_path: Path, run_
     bad.write_bytes(b"not a checkpoint")
     out_dir = tmp_path / "out"
     result = run_cli(
-        "fuse", FIXTURES / "cifar_quick.pth", FIXTURES / "grouped.safetensors", bad, "--out-dir", out_dir,
-        "-j", "2", "--json", expect=3,
+        "fuse",
+        FIXTURES / "cifar_quick.pth",
+        FIXTURES / "grouped.safetensors",
+        bad,
+        "--out-dir",
+        out_dir,
+        "-j",
+        "2",
+        "--json",
+        expect=3,
     )
     data = json.loads(result.stdout)
     assert [r["exit_code"] for r in data["results"]] == [0, 0, 3]
@@ -200,9 +230,19 @@ def test_out_dir_with_jobs_reports_failures_and_keeps_going(tmp_path: Path, run_
 def test_out_dir_expands_globs(tmp_path: Path, run_cli) -> None:
     run_cli("fuse", str(FIXTURES / "cifar_quick.*"), "--out-dir", tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "cifar_quick.hdf5", "cifar_quick.pth", "cifar_quick.safetensors"
+        "cifar_quick.hdf5",
+        "cifar_quick.pth",
+        "cifar_quick.safetensors",
     ]
-    result = run_cli("fuse", str(FIXTURES / "cifar_quick.*"), "--out-dir", tmp_path / "x", "--to", "pth", expect=2)
+    result = run_cli(
+        "fuse",
+        str(FIXTURES / "cifar_quick.*"),
+        "--out-dir",
+        tmp_path / "x",
+        "--to",
+        "pth",
+        expect=2,
+    )
     assert "cifar_quick" in result.stderr
 
 
@@ -211,15 +251,29 @@ def test_fuse_needs_two_paths_without_out_dir(run_cli) -> None:
 
 
 def test_unknown_dialect_is_usage_error(tmp_path: Path, run_cli) -> None:
-    result = run_cli("fuse", FIXTURES / "cifar_quick.pth", tmp_path / "o.pth", "--dialect", "nope", expect=2)
+    result = run_cli(
+        "fuse", FIXTURES / "cifar_quick.pth", tmp_path / "o.pth", "--dialect", "nope", expect=2
+    )
     assert "known dialects" in result.stderr
 
 
 def test_python_dash_m_and_help(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "acnet_convert", "--help"], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "acnet_convert", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "fuse" in done.stdout and "Exit codes" in done.stdout
     done = subprocess.run(
-        [sys.executable, "-m", "acnet_convert", "fuse", str(tmp_path / "missing.pth"), str(tmp_path / "o.pth")],
+        [
+            sys.executable,
+            "-m",
+            "acnet_convert",
+            "fuse",
+            str(tmp_path / "missing.pth"),
+            str(tmp_path / "o.pth"),
+        ],
         capture_output=True,
         text=True,
     )
@@ -235,4 +289,6 @@ def test_fuse_does_not_import_torch(tmp_path: Path) -> None:
     )
     for src in ("cifar_quick.pth", "cifar_quick.hdf5", "cifar_quick.safetensors"):
         out = tmp_path / (src + ".out.pth")
-        subprocess.run([sys.executable, "-c", code, "fuse", str(FIXTURES / src), str(out)], check=True)
+        subprocess.run(
+            [sys.executable, "-c", code, "fuse", str(FIXTURES / src), str(out)], check=True
+        )

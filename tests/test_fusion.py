@@ -35,7 +35,9 @@ def _torch_bn(y: torch.Tensor, bn: BNStats) -> torch.Tensor:
     return F.batch_norm(y, t(bn.mean), t(bn.var), t(bn.weight), t(bn.bias), False, 0.0, bn.eps)
 
 
-def _reference(block: BlockTensors, x: torch.Tensor, stride: int, padding: int, groups: int) -> torch.Tensor:
+def _reference(
+    block: BlockTensors, x: torch.Tensor, stride: int, padding: int, groups: int
+) -> torch.Tensor:
     k = block.square.weight.shape[2]
     xp = F.pad(x, (padding,) * 4)
     total = None
@@ -82,16 +84,25 @@ def blocks(draw: st.DrawFn) -> tuple[BlockTensors, int, int, int, int, int]:
     return block, cin, stride, padding, groups, size
 
 
-def _fused_out(block: BlockTensors, x: torch.Tensor, stride: int, padding: int, groups: int) -> torch.Tensor:
+def _fused_out(
+    block: BlockTensors, x: torch.Tensor, stride: int, padding: int, groups: int
+) -> torch.Tensor:
     w, b = fuse_block(block)
     return F.conv2d(
-        x, torch.from_numpy(w).to(x.dtype), torch.from_numpy(b).to(x.dtype), stride=stride, padding=padding, groups=groups
+        x,
+        torch.from_numpy(w).to(x.dtype),
+        torch.from_numpy(b).to(x.dtype),
+        stride=stride,
+        padding=padding,
+        groups=groups,
     )
 
 
 @settings(max_examples=80, deadline=None)
 @given(blocks(), st.integers(0, 2**31 - 1))
-def test_fused_conv_matches_branches_float64(case: tuple[BlockTensors, int, int, int, int, int], seed: int) -> None:
+def test_fused_conv_matches_branches_float64(
+    case: tuple[BlockTensors, int, int, int, int, int], seed: int
+) -> None:
     block, cin, stride, padding, groups, size = case
     x = torch.from_numpy(np.random.default_rng(seed).normal(0, 1, (2, cin, size, size)))
     ref = _reference(block, x, stride, padding, groups)
@@ -103,7 +114,9 @@ def test_fused_conv_matches_branches_float64(case: tuple[BlockTensors, int, int,
 
 @settings(max_examples=60, deadline=None)
 @given(blocks(), st.integers(0, 2**31 - 1))
-def test_fused_conv_matches_branches_float32(case: tuple[BlockTensors, int, int, int, int, int], seed: int) -> None:
+def test_fused_conv_matches_branches_float32(
+    case: tuple[BlockTensors, int, int, int, int, int], seed: int
+) -> None:
     block, cin, stride, padding, groups, size = case
     x = torch.from_numpy(np.random.default_rng(seed).normal(0, 1, (2, cin, size, size))).float()
     ref = _reference(block, x.double(), stride, padding, groups)
@@ -133,8 +146,14 @@ def test_fold_bn_matches_formula_and_handles_affine_false() -> None:
 @pytest.mark.parametrize("k", [3, 5, 7])
 def test_fuse_block_without_any_bn_is_a_plain_sum(k: int) -> None:
     rng = np.random.default_rng(k)
-    sq, h, v = rng.normal(size=(2, 1, k, k)), rng.normal(size=(2, 1, 1, k)), rng.normal(size=(2, 1, k, 1))
-    w, b = fuse_block(BlockTensors(Branch(sq, None, None), (Branch(h, None, None), Branch(v, None, None))))
+    sq, h, v = (
+        rng.normal(size=(2, 1, k, k)),
+        rng.normal(size=(2, 1, 1, k)),
+        rng.normal(size=(2, 1, k, 1)),
+    )
+    w, b = fuse_block(
+        BlockTensors(Branch(sq, None, None), (Branch(h, None, None), Branch(v, None, None)))
+    )
     expected = sq.copy()
     expected[:, :, k // 2, :] += h[:, :, 0, :]
     expected[:, :, :, k // 2] += v[:, :, :, 0]

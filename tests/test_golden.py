@@ -39,7 +39,9 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("out_fmt", FORMATS)
 @pytest.mark.parametrize("in_fmt", FORMATS)
 @pytest.mark.parametrize("name", NAMES)
-def test_fused_fixture_reproduces_training_outputs(name: str, in_fmt: str, out_fmt: str, tmp_path: Path, run_cli) -> None:
+def test_fused_fixture_reproduces_training_outputs(
+    name: str, in_fmt: str, out_fmt: str, tmp_path: Path, run_cli
+) -> None:
     source = FIXTURES / f"{name}.{in_fmt}"
     before = source.read_bytes()
     out = tmp_path / f"fused.{out_fmt}"
@@ -66,7 +68,9 @@ def test_fused_fixture_reproduces_training_outputs(name: str, in_fmt: str, out_f
         assert got_t.dtype == want.dtype, key
         if "fused_conv" in key:
             # the same float64 arithmetic, maybe in another order: at most one unit in the last place
-            torch.testing.assert_close(got_t.double(), want.double(), rtol=2 * torch.finfo(want.dtype).eps, atol=0)
+            torch.testing.assert_close(
+                got_t.double(), want.double(), rtol=2 * torch.finfo(want.dtype).eps, atol=0
+            )
         else:
             assert torch.equal(got_t, want), key
 
@@ -100,7 +104,9 @@ def test_passthrough_keys_keep_their_order(tmp_path: Path, run_cli) -> None:
     after = list(torch.load(out, weights_only=True))
     kept = [k for k in before if ".acb." not in k]
     assert [k for k in after if ".acb." not in k] == kept
-    assert after.index("stage1.0.conv1.acb.fused_conv.weight") == before.index("stage1.0.conv1.acb.square_conv.weight")
+    assert after.index("stage1.0.conv1.acb.fused_conv.weight") == before.index(
+        "stage1.0.conv1.acb.square_conv.weight"
+    )
 
 
 def test_safetensors_provenance(tmp_path: Path, run_cli) -> None:
@@ -114,4 +120,7 @@ def test_safetensors_provenance(tmp_path: Path, run_cli) -> None:
     assert float(meta["acnet_convert.eps"]) == 1e-5
     import hashlib
 
-    assert meta["acnet_convert.source_sha256"] == hashlib.sha256((FIXTURES / "cifar_quick.safetensors").read_bytes()).hexdigest()
+    assert (
+        meta["acnet_convert.source_sha256"]
+        == hashlib.sha256((FIXTURES / "cifar_quick.safetensors").read_bytes()).hexdigest()
+    )

@@ -111,7 +111,11 @@ def write_checkpoint(
     elif fmt == "hdf5":
         from .hdf5_io import write_hdf5
 
-        layout = getattr(source, "layout", "flat") if source is not None and source.format == "hdf5" else "flat"
+        layout = (
+            getattr(source, "layout", "flat")
+            if source is not None and source.format == "hdf5"
+            else "flat"
+        )
         write_hdf5(
             path,
             tensors,

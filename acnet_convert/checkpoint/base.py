@@ -65,7 +65,11 @@ class Container:
 
     @property
     def kind(self) -> str:
-        return "raw state dict" if self.wrapper_key is None else f"{{'{self.wrapper_key}': state dict}}"
+        return (
+            "raw state dict"
+            if self.wrapper_key is None
+            else f"{{'{self.wrapper_key}': state dict}}"
+        )
 
 
 @dataclass(frozen=True)

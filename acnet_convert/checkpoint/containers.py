@@ -140,4 +140,4 @@ def unwrap(
         dropped=tuple(dropped),
         keys_order=tuple(top_keys) if wrapper is not None else (),
     )
-    return dict(zip(stripped, values)), container
+    return dict(zip(stripped, values, strict=True)), container
