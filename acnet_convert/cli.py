@@ -56,6 +56,24 @@ def _json_option(fn: F) -> F:
     )(fn)
 
 
+_LAYOUT_CHOICE = click.Choice(["deploy", "baseline", "baseline-bias"])
+
+
+def _naming_options(fn: F) -> F:
+    """--dialect and --patterns, which fuse and inspect share."""
+    fn = click.option(
+        "--patterns",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="TOML file defining extra naming dialects (see README).",
+    )(fn)
+    return click.option(
+        "--dialect",
+        default=None,
+        help="Force a naming dialect instead of detecting it (see 'inspect').",
+    )(fn)
+
+
 def _trust_option(fn: F) -> F:
     return click.option(
         "--trust-pickle",
@@ -156,23 +174,13 @@ def _summary(report: Any) -> str:
 @click.option("--force", "-f", is_flag=True, help="Replace OUT if it exists.")
 @click.option(
     "--layout",
-    type=click.Choice(["deploy", "baseline", "baseline-bias"]),
+    type=_LAYOUT_CHOICE,
     default="deploy",
     show_default=True,
     help="deploy: <p>.fused_conv.{weight,bias}; baseline: <u>.conv.weight + identity <u>.bn.*; "
     "baseline-bias: <u>.conv.{weight,bias}.",
 )
-@click.option(
-    "--dialect",
-    default=None,
-    help="Force a naming dialect instead of detecting it (see 'inspect').",
-)
-@click.option(
-    "--patterns",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="TOML file defining extra naming dialects.",
-)
+@_naming_options
 @click.option(
     "--rename",
     multiple=True,
@@ -365,13 +373,7 @@ def _dry_run(source: Path, output: Path, fmt: str, options: Any, as_json: bool) 
     metavar="REGEX",
     help="Only list tensors whose name matches.",
 )
-@click.option("--dialect", default=None, help="Force a naming dialect.")
-@click.option(
-    "--patterns",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="TOML file defining extra naming dialects.",
-)
+@_naming_options
 @click.option(
     "--eps",
     type=float,
@@ -380,7 +382,7 @@ def _dry_run(source: Path, output: Path, fmt: str, options: Any, as_json: bool) 
 )
 @click.option(
     "--layout",
-    type=click.Choice(["deploy", "baseline", "baseline-bias"]),
+    type=_LAYOUT_CHOICE,
     default="deploy",
     show_default=True,
     help="Layout assumed for the 'after fusing' figures.",

@@ -32,22 +32,12 @@ def build_checkpoints(arch: str, folder: Path) -> tuple[Path, Path, Path]:
     """Training checkpoint, its fused form, and the fused form with one weight nudged."""
     import torch
     from safetensors.torch import load_file, save_file
-    from torch import nn
 
+    from acnet_convert.testing import randomise_bn_stats
     from acnet_convert.zoo import build_arch
 
     torch.manual_seed(0)
-    net = build_arch(arch, "train")
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for bn in net.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                c = bn.num_features
-                assert bn.running_mean is not None and bn.running_var is not None
-                bn.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
-                bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-                bn.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                bn.bias.copy_(torch.randn(c, generator=gen) * 0.2)
+    net = randomise_bn_stats(build_arch(arch, "train"), seed=1)
     train = folder / f"{arch}_train.pth"
     fused = folder / f"{arch}_fused.safetensors"
     torch.save(net.state_dict(), train)

@@ -31,6 +31,7 @@ from acnet_convert.api import tensor_from_stored
 from acnet_convert.checkpoint import open_checkpoint
 from acnet_convert.errors import UnfusableBlockError, UsageError, VerificationError
 from acnet_convert.fusion import BlockTensors, fuse_block
+from acnet_convert.testing import randomise_bn_stats
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 FORMS = ("train", "deploy", "baseline", "baseline-bias")
@@ -85,24 +86,13 @@ class TinyNet(nn.Module):
         return result
 
 
-def _randomise(model: nn.Module, seed: int) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                c = module.num_features
-                assert module.running_mean is not None and module.running_var is not None
-                module.running_mean.copy_(torch.randn(c, generator=gen) * 0.3)
-                module.running_var.copy_(torch.rand(c, generator=gen) + 0.3)
-                if module.affine:
-                    module.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                    module.bias.copy_(torch.randn(c, generator=gen) * 0.3)
-    return model.eval()
+def _randomised(model: nn.Module, seed: int) -> nn.Module:
+    return randomise_bn_stats(model, seed, spread=0.3).eval()
 
 
 def _train_checkpoint(path: Path, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    train = _randomise(TinyNet("train").to(dtype), seed)
+    train = _randomised(TinyNet("train").to(dtype), seed)
     save_file({k: v.contiguous() for k, v in train.state_dict().items()}, str(path))
     return train
 
@@ -244,7 +234,7 @@ def test_identity_bn_follows_the_models_own_eps(tmp_path: Path) -> None:
 
 
 def test_missing_num_batches_tracked_is_filled_in(tmp_path: Path) -> None:
-    train = _randomise(TinyNet("train").double(), 3)
+    train = _randomised(TinyNet("train").double(), 3)
     ckpt = tmp_path / "old_torch.pth"
     torch.save({k: v for k, v in train.state_dict().items() if "num_batches" not in k}, ckpt)
     model = TinyNet("deploy").double()
@@ -297,7 +287,7 @@ def test_wrong_shapes_are_named(tmp_path: Path) -> None:
 
 
 def test_strict_false_loads_what_fits_and_reports_the_rest(tmp_path: Path) -> None:
-    train = _randomise(TinyNet("train").double(), 4)
+    train = _randomised(TinyNet("train").double(), 4)
     sd = dict(train.state_dict())
     sd["ema.decay"] = torch.tensor([0.999], dtype=torch.float64)
     ckpt = tmp_path / "train.pth"
@@ -377,7 +367,7 @@ def test_any_block_geometry_fuses_exactly_from_weights_alone(
 ) -> None:
     torch.manual_seed(seed)
     cin, cout, k, stride, padding, dilation, groups = geometry
-    train = _randomise(
+    train = _randomised(
         nn.Sequential(
             acnet_convert.ACBlock(
                 cin, cout, k, stride, padding, dilation, groups, use_last_bn=last_bn

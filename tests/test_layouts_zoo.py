@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from acnet_convert import fuse_and_load
 from acnet_convert.errors import UsageError
+from acnet_convert.testing import randomise_bn_stats
 from acnet_convert.zoo import ARCHS, build_arch
 
 RTOL = 1e-5
@@ -40,18 +41,6 @@ SAVES = {
     "sres50": "pth",
 }
 NO_BASELINE = {"wrnc16plain"}
-
-
-def _randomise_bns(model: nn.Module, gen: torch.Generator) -> None:
-    with torch.no_grad():
-        for bn in model.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                c = bn.num_features
-                assert bn.running_mean is not None and bn.running_var is not None
-                bn.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
-                bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-                bn.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                bn.bias.copy_(torch.randn(c, generator=gen) * 0.1)
 
 
 def _save(model: nn.Module, path: Path, how: str) -> Path:
@@ -100,7 +89,7 @@ def test_training_checkpoint_loads_into_baseline_and_deploy(
     gen = torch.Generator().manual_seed(sorted(ARCHS).index(name))
     torch.manual_seed(0)
     train = build_arch(name, "train").eval()
-    _randomise_bns(train, gen)
+    randomise_bn_stats(train, gen, spread=0.1)
     cifar = spec.input_shape[1] == 32
     x = torch.randn(2, *(spec.input_shape if cifar else (3, 64, 64)), generator=gen)
     with torch.no_grad():

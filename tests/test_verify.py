@@ -25,6 +25,7 @@ from acnet_convert.errors import (
     UsageError,
     VerificationError,
 )
+from acnet_convert.testing import randomise_bn_stats
 from acnet_convert.verify import (
     VerifyOptions,
     VerifyResult,
@@ -98,22 +99,8 @@ def broken():
 '''
 
 
-def randomise_bns(net: nn.Module, seed: int) -> None:
-    """Non-trivial eval-mode statistics, so a wrong fusion shows."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for bn in net.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                c = bn.num_features
-                assert bn.running_mean is not None and bn.running_var is not None
-                bn.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
-                bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-                bn.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                bn.bias.copy_(torch.randn(c, generator=gen) * 0.2)
-
-
 def save_train(net: nn.Module, path: Path, seed: int = 0) -> Path:
-    randomise_bns(net, seed)
+    randomise_bn_stats(net, seed)
     torch.save(net.state_dict(), path)
     return path
 

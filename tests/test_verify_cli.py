@@ -12,25 +12,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from acnet_convert.testing import randomise_bn_stats
 from acnet_convert.zoo import ARCHS, build_arch
 
 if TYPE_CHECKING:
     from conftest import CliRun
 
 NUDGED_KEY = "conv3.acb.fused_conv.weight"
-
-
-def _randomise_bns(net: nn.Module) -> None:
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for bn in net.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                c = bn.num_features
-                assert bn.running_mean is not None and bn.running_var is not None
-                bn.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
-                bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-                bn.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                bn.bias.copy_(torch.randn(c, generator=gen) * 0.2)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +31,7 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("verify_cli")
     torch.manual_seed(0)
     net = build_arch("cfqkbnc", "train")
-    _randomise_bns(net)
+    randomise_bn_stats(net, 7)
     train = root / "train.pth"
     torch.save({"model": net.state_dict(), "iteration": 10}, train)
     fused = root / "fused.safetensors"
@@ -186,7 +174,7 @@ def test_user_model(run_cli: CliRun, tmp_path: Path) -> None:
     net.add_module("1", nn.ReLU())
     net.add_module("2", nn.Flatten())
     net.add_module("3", nn.Linear(5 * 36, 3))
-    _randomise_bns(net)
+    randomise_bn_stats(net, 7)
     torch.save(net.state_dict(), tmp_path / "tiny.pth")
     run_cli("fuse", tmp_path / "tiny.pth", tmp_path / "tiny_fused.pth", "-q")
     spec = f"{tmp_path / 'tiny.py'}:build"

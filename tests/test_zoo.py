@@ -15,10 +15,10 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 from acnet_convert.errors import UsageError
 from acnet_convert.nn import find_acblocks, switch_to_deploy
+from acnet_convert.testing import randomise_bn_stats
 from acnet_convert.zoo import ARCHS, FORMS, arch_keys, build_arch, match_arch
 
 # arch -> (train-form keys with shapes, total train-form keys, number of ACBs)
@@ -170,25 +170,13 @@ def test_match_arch_recognises_exactly_one(name: str) -> None:
     assert match_arch(arch_keys(name, "baseline")) == []
 
 
-def _randomise_bns(model: nn.Module, gen: torch.Generator) -> None:
-    with torch.no_grad():
-        for bn in model.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                c = bn.num_features
-                assert bn.running_mean is not None and bn.running_var is not None
-                bn.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
-                bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-                bn.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                bn.bias.copy_(torch.randn(c, generator=gen) * 0.1)
-
-
 @pytest.mark.parametrize("name", ARCH_NAMES)
 def test_switch_to_deploy_gives_deploy_form(name: str) -> None:
     spec = ARCHS[name]
     gen = torch.Generator().manual_seed(1)
     torch.manual_seed(1)
     model = build_arch(name, "train").double().eval()
-    _randomise_bns(model, gen)
+    randomise_bn_stats(model, gen, spread=0.1)
     # float64 convs are slow on CPU: 64x64 is enough for the ImageNet nets here
     # (their pooling is adaptive); the 224x224 forward runs in the test above.
     c, h, w = spec.input_shape
