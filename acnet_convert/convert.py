@@ -602,6 +602,28 @@ def _merge_checks(checks: Sequence[BlockCheck]) -> _Checked:
     return _Checked(all(c.within_rounding for c in checks), max_abs, max_rel)
 
 
+def _refuse_overflow(
+    source: str,
+    block: PlannedBlock,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    stored_weight: np.ndarray,
+    stored_bias: np.ndarray,
+) -> None:
+    """Finite inputs can still fuse to values beyond the range of their dtype (a huge
+    weight times a large BN scale): storing them would write inf, so refuse."""
+    if np.all(np.isfinite(stored_weight)) and np.all(np.isfinite(stored_bias)):
+        return
+    largest = max(
+        float(np.max(np.abs(weight), initial=0.0)), float(np.max(np.abs(bias), initial=0.0))
+    )
+    raise UnfusableBlockError(
+        f"{source}: block '{block.spec.label}': the fused values (largest magnitude {largest:.3g}) "
+        f"do not fit {block.geometry.dtype}; the block's weights or BN statistics are extreme "
+        "or damaged, so nothing was written"
+    )
+
+
 def _fuse_one(
     reader: CheckpointReader,
     plan: FusionPlan,
@@ -622,11 +644,12 @@ def _fuse_one(
     for rows, tensors in _block_slabs(reader, block, plan.eps, plan.source, layout):
         w, b = fuse_block(tensors)
         stored = dtypes.from_float64(w, g.dtype)
+        stored_w = dtypes.to_float64(stored, g.dtype)
+        stored_b = dtypes.to_float64(dtypes.from_float64(b, g.dtype), g.dtype)
+        _refuse_overflow(plan.source, block, w, b, stored_w, stored_b)
         put_rows(rows, stored)
         bias[rows] = b
         if rng is not None:
-            stored_w = dtypes.to_float64(stored, g.dtype)
-            stored_b = dtypes.to_float64(dtypes.from_float64(b, g.dtype), g.dtype)
             checks.append(check_block(tensors, stored_w, stored_b, stored_dtype=g.dtype, rng=rng))
     spec = block.spec
     count_key = spec.square.bn.count if spec.square.bn else None

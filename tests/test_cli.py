@@ -292,3 +292,36 @@ def test_fuse_does_not_import_torch(tmp_path: Path) -> None:
         subprocess.run(
             [sys.executable, "-c", code, "fuse", str(FIXTURES / src), str(out)], check=True
         )
+
+
+@pytest.mark.parametrize("out_fmt", ["pth", "hdf5", "safetensors"])
+def test_bfloat16_checkpoint_fuses_in_its_own_dtype(out_fmt: str, tmp_path: Path, run_cli) -> None:
+    from safetensors.torch import save_file
+
+    from acnet_convert.checkpoint import open_checkpoint
+    from acnet_convert.nn import ACBlock
+    from acnet_convert.testing import randomise_bn_stats
+
+    torch.manual_seed(0)
+    train = randomise_bn_stats(ACBlock(4, 6, 3, padding=1, use_last_bn=True), seed=1).eval()
+    state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in train.state_dict().items()}
+    src = tmp_path / "train.safetensors"
+    save_file(state, str(src))
+    out = tmp_path / f"fused.{out_fmt}"
+    run_cli("fuse", src, out, "--quiet")
+
+    with open_checkpoint(out) as reader:
+        assert reader.tensors["fused_conv.weight"].dtype == "bfloat16"
+        fused = {
+            k: torch.from_numpy(np.array(reader.read(k))).view(torch.bfloat16)
+            for k in ("fused_conv.weight", "fused_conv.bias")
+        }
+    reference = ACBlock(4, 6, 3, padding=1, use_last_bn=True).double().eval()
+    reference.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in state.items()})
+    deployed = ACBlock(4, 6, 3, padding=1, deploy=True).double().eval()
+    deployed.load_state_dict({k: v.double() for k, v in fused.items()})
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        want, got = reference(x), deployed(x)
+    # bfloat16 keeps 8 significant bits; the fused kernel is rounded to them once.
+    assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2

@@ -695,7 +695,7 @@ def test_unfusable_blocks(
 def test_fused_value_overflowing_its_dtype_is_not_written(
     run_cli: CliRun, tmp_path: Path, out_dir: Path, dtype: type
 ) -> None:
-    """Finite inputs whose fused kernel exceeds the dtype's range: the check catches the inf."""
+    """Finite inputs whose fused kernel exceeds the dtype's range are refused, check or not."""
     sd = {k: v.astype(dtype) if v.dtype == np.float32 else v for k, v in small_state().items()}
     weight = sd[f"{BLOCK}.square_conv.weight"].copy()
     weight[0, 0, 1, 1] = np.finfo(dtype).max / 2
@@ -703,14 +703,14 @@ def test_fused_value_overflowing_its_dtype_is_not_written(
     gamma[0] = 10
     sd.update({f"{BLOCK}.square_conv.weight": weight, f"{BLOCK}.square_bn.weight": gamma})
     src = save_safetensors(sd, tmp_path / "extreme.safetensors")
-    assert_refused(
-        run_cli,
-        ["fuse", src, out_dir / "fused.safetensors"],
-        mentions=[str(src), BLOCK, "does not reproduce", "nothing was written"],
-        folder=out_dir,
-        inputs=[src],
-        code=1,
-    )
+    for extra in ([], ["--no-check"]):
+        assert_refused(
+            run_cli,
+            ["fuse", src, out_dir / "fused.safetensors", *extra],
+            mentions=[str(src), BLOCK, f"do not fit {np.dtype(dtype).name}", "nothing was written"],
+            folder=out_dir,
+            inputs=[src],
+        )
 
 
 # --- the output is whole or absent ------------------------------------------------------
