@@ -304,7 +304,10 @@ def test_bfloat16_checkpoint_fuses_in_its_own_dtype(out_fmt: str, tmp_path: Path
 
     torch.manual_seed(0)
     train = randomise_bn_stats(ACBlock(4, 6, 3, padding=1, use_last_bn=True), seed=1).eval()
-    state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in train.state_dict().items()}
+    state = {
+        k: v.to(torch.bfloat16) if v.is_floating_point() else v
+        for k, v in train.state_dict().items()
+    }
     src = tmp_path / "train.safetensors"
     save_file(state, str(src))
     out = tmp_path / f"fused.{out_fmt}"
@@ -317,7 +320,9 @@ def test_bfloat16_checkpoint_fuses_in_its_own_dtype(out_fmt: str, tmp_path: Path
             for k in ("fused_conv.weight", "fused_conv.bias")
         }
     reference = ACBlock(4, 6, 3, padding=1, use_last_bn=True).double().eval()
-    reference.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in state.items()})
+    reference.load_state_dict(
+        {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
+    )
     deployed = ACBlock(4, 6, 3, padding=1, deploy=True).double().eval()
     deployed.load_state_dict({k: v.double() for k, v in fused.items()})
     x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
