@@ -330,3 +330,33 @@ def test_bfloat16_checkpoint_fuses_in_its_own_dtype(out_fmt: str, tmp_path: Path
         want, got = reference(x), deployed(x)
     # bfloat16 keeps 8 significant bits; the fused kernel is rounded to them once.
     assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2
+
+
+def test_training_engine_checkpoint_with_optimizer_and_scheduler(tmp_path: Path, run_cli) -> None:
+    """What upstream's engine saves: model, SGD state with momentum buffers, a scheduler whose
+    milestones are a collections.Counter (torch's MultiStepLR), and the iteration."""
+    from acnet_convert.nn import ACBlock
+    from acnet_convert.testing import randomise_bn_stats
+
+    net = randomise_bn_stats(torch.nn.Sequential(ACBlock(3, 4, 3, padding=1)), seed=0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [30, 60])
+    src = tmp_path / "iter-100.pth"
+    torch.save(
+        {
+            "model": net.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "iteration": 100,
+        },
+        src,
+    )
+    torch.load(src, weights_only=True)  # torch's own safe loader accepts it; so must we
+    out = tmp_path / "fused.pth"
+    result = run_cli("fuse", src, out)
+    assert "dropped 'optimizer'" in result.stderr and "dropped 'scheduler'" in result.stderr
+    fused = torch.load(out, weights_only=True)
+    assert list(fused) == ["model", "iteration"] and fused["iteration"] == 100
+    assert set(fused["model"]) == {"0.fused_conv.weight", "0.fused_conv.bias"}

@@ -240,6 +240,7 @@ _BUILTINS: dict[str, Any] = {
     "frozenset": frozenset,
     "slice": slice,
     "complex": complex,
+    "bytearray": bytearray,
 }
 _FUNCTIONS: dict[tuple[str, str], Callable[..., Any]] = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
@@ -257,8 +258,9 @@ def _allowed_global(module: str, name: str) -> Any:
     Stand-ins are fresh objects on every call, so nothing a pickle does to
     them outlives the load.
     """
-    if module == "collections" and name == "OrderedDict":
-        return collections.OrderedDict
+    if module == "collections" and name in ("OrderedDict", "Counter"):
+        # Counter: torch's MultiStepLR keeps its milestones in one.
+        return getattr(collections, name)
     if module in ("builtins", "__builtin__") and name in _BUILTINS:
         return _BUILTINS[name]
     fn = _FUNCTIONS.get((module, name))
