@@ -27,8 +27,9 @@ from torch import Tensor, nn
 
 from acnet_convert import dtypes
 from acnet_convert.checkpoint import CheckpointReader, open_checkpoint
-from acnet_convert.convert import LAYOUTS, FuseOptions, FusionPlan, fuse_state, plan_fusion
+from acnet_convert.convert import fuse_state
 from acnet_convert.errors import ACNetConvertError, UsageError
+from acnet_convert.plan import LAYOUTS, FuseOptions, FusionPlan, plan_fusion
 
 __all__ = ["LoadReport", "fuse_and_load", "tensor_from_stored"]
 

@@ -134,7 +134,7 @@ def _fuse_options(
     rename: Sequence[str],
     trust_pickle: bool,
 ) -> Any:
-    from acnet_convert.convert import FuseOptions
+    from acnet_convert.plan import FuseOptions
 
     return FuseOptions(
         eps=eps,
@@ -330,7 +330,7 @@ def _fuse_batch(
 
 def _dry_run(source: Path, output: Path, fmt: str, options: Any, as_json: bool) -> None:
     from acnet_convert.checkpoint import open_checkpoint
-    from acnet_convert.convert import plan_fusion
+    from acnet_convert.plan import plan_fusion
 
     with open_checkpoint(source, trust_pickle=options.trust_pickle) as reader:
         plan = plan_fusion(reader, options)

@@ -1,8 +1,9 @@
-"""Planning and running a conversion: training checkpoint in, plain-conv checkpoint out.
+"""Running a conversion: training checkpoint in, plain-conv checkpoint out.
 
-:func:`plan_fusion` works on a checkpoint's index alone (names, dtypes,
-shapes): it finds the blocks, checks their shapes and lays out the output.
-:func:`fuse_checkpoint` then loads one block at a time, fuses it, checks it
+:func:`~acnet_convert.plan.plan_fusion` decides everything from the index
+(re-exported here with :class:`FuseOptions`, which most callers want
+together with :func:`fuse_checkpoint`). :func:`fuse_checkpoint` then loads
+one block at a time, fuses it, checks it
 numerically against its branches, and streams the output to a temporary file
 that is renamed into place only when everything has succeeded.
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import tempfile
 import threading
 import time
@@ -35,7 +35,7 @@ import numpy as np
 from acnet_convert import __version__, dtypes
 from acnet_convert.atomic import atomic_output
 from acnet_convert.blockcheck import BlockCheck, check_block
-from acnet_convert.blocks import BlockGeometry, block_geometry, load_block, to_layout
+from acnet_convert.blocks import load_block, to_layout
 from acnet_convert.checkpoint import (
     CheckpointReader,
     RawBytes,
@@ -43,8 +43,13 @@ from acnet_convert.checkpoint import (
     open_checkpoint,
     write_checkpoint,
 )
-from acnet_convert.checkpoint.rawio import crc32_range, read_range, same_bytes, write_range
-from acnet_convert.dialects import BlockSpec, Dialect, find_blocks
+from acnet_convert.checkpoint.rawio import (
+    array_bytes,
+    crc32_range,
+    read_range,
+    same_bytes,
+    write_range,
+)
 from acnet_convert.errors import (
     BadCheckpointError,
     UnfusableBlockError,
@@ -52,6 +57,14 @@ from acnet_convert.errors import (
     VerificationError,
 )
 from acnet_convert.fusion import BlockTensors, fuse_block
+from acnet_convert.plan import (
+    LAYOUTS,
+    FuseOptions,
+    FusionPlan,
+    PlannedBlock,
+    plan_fusion,
+    plan_notes,
+)
 
 __all__ = [
     "LAYOUTS",
@@ -67,60 +80,7 @@ __all__ = [
     "sha256_file",
 ]
 
-LAYOUTS = ("deploy", "baseline", "baseline-bias")
-
 ProgressCallback = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class FuseOptions:
-    """Everything a conversion can be told.
-
-    ``eps`` None means the dialect's default (1e-5 for PyTorch-style
-    checkpoints, as upstream ACNet; 1e-3 for Keras). ``renames`` are
-    ``(regex, replacement)`` pairs applied in order to every output name.
-    """
-
-    eps: float | None = None
-    check: bool = True
-    layout: str = "deploy"
-    dialect: str | None = None
-    extra_dialects: tuple[Dialect, ...] = ()
-    renames: tuple[tuple[str, str], ...] = ()
-    trust_pickle: bool = False
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class PlannedBlock:
-    """A block found in the index, with the output keys it will become."""
-
-    spec: BlockSpec
-    geometry: BlockGeometry
-    outputs: tuple[tuple[str, str], ...]  # (output key, role)
-    alias_of: str | None = None  # label of the block whose fused tensors this one repeats
-
-    @property
-    def consumed(self) -> tuple[str, ...]:
-        return self.spec.keys()
-
-
-@dataclass(frozen=True)
-class FusionPlan:
-    """The whole conversion, decided from the index before any data is read."""
-
-    source: str
-    dialect: Dialect
-    eps: float
-    blocks: tuple[PlannedBlock, ...]
-    outputs: tuple[TensorInfo, ...]
-    origins: Mapping[str, str]  # output key -> input key it copies, for pass-through keys
-    params_before: int
-    params_after: int
-    bytes_before: int
-    bytes_after: int
-    # (alias label, alias dialect, primary label): blocks whose keys are dropped as a second naming
-    dropped_aliases: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -255,204 +215,6 @@ class _BackgroundDigest:
         self._thread.join()
 
 
-def _unit_prefix(spec: BlockSpec) -> str:
-    """The baseline unit ``<u>.`` of a block at ``<u>.acb.`` or directly at ``<u>.``."""
-    p = spec.fields.get("p")
-    if p is None:
-        raise UsageError(
-            f"block '{spec.label}' uses the '{spec.dialect}' dialect, which has no baseline layout; "
-            "use --layout deploy, optionally with --rename"
-        )
-    return p[: -len("acb.")] if p.endswith(".acb.") or p == "acb." else p
-
-
-def _layout_outputs(layout: str, spec: BlockSpec) -> tuple[tuple[str, str], ...]:
-    if layout == "deploy":
-        return ((spec.fused_weight, "weight"), (spec.fused_bias, "bias"))
-    u = _unit_prefix(spec)
-    if layout == "baseline-bias":
-        return ((f"{u}conv.weight", "weight"), (f"{u}conv.bias", "bias"))
-    if layout == "baseline":
-        return (
-            (f"{u}conv.weight", "weight"),
-            (f"{u}bn.weight", "bn_weight"),
-            (f"{u}bn.bias", "bias"),
-            (f"{u}bn.running_mean", "bn_mean"),
-            (f"{u}bn.running_var", "bn_var"),
-            (f"{u}bn.num_batches_tracked", "bn_count"),
-        )
-    raise UsageError(f"unknown layout '{layout}'; choose one of {', '.join(LAYOUTS)}")
-
-
-def _rename(key: str, renames: Sequence[tuple[str, str]]) -> str:
-    for pattern, replacement in renames:
-        key = re.sub(pattern, replacement, key)
-    return key
-
-
-def _output_info(key: str, role: str, geometry: BlockGeometry, layout: str) -> TensorInfo:
-    k, o, i = geometry.kernel, geometry.out_channels, geometry.in_per_group
-    if role == "weight":
-        shape = (k, k, i, o) if layout == "HWIO" else (o, i, k, k)
-        return TensorInfo(key, geometry.dtype, shape)
-    if role == "bn_count":
-        return TensorInfo(key, "int64", ())
-    return TensorInfo(key, geometry.dtype, (o,))
-
-
-def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
-    """Find and check every block and lay out the output, from the index alone.
-
-    Raises:
-        UnfusableBlockError: no block, an ambiguous dialect, or a block with a
-            missing or inconsistent part.
-        UsageError: an unknown layout or dialect, or renames that collide.
-    """
-    source = str(reader.path)
-    infos = reader.tensors
-    try:
-        detection = find_blocks(
-            infos, options.dialect, options.extra_dialects, _same_tensor(reader)
-        )
-    except UnfusableBlockError as err:
-        raise UnfusableBlockError(f"{source}: {err}") from err
-    if detection.dialect is None or not detection.blocks:
-        raise UnfusableBlockError(
-            f"{source}: no ACNet block found among {len(infos)} tensors (no key like "
-            "'<prefix>.square_conv.weight'); it may be fused already. "
-            "Try 'acnet-convert inspect' to see its keys"
-        )
-    dialect = detection.dialect
-    eps = options.eps if options.eps is not None else dialect.default_eps
-    if not eps >= 0:
-        raise UsageError(f"--eps must be a non-negative number, got {eps}")
-    if options.layout not in LAYOUTS:
-        raise UsageError(f"unknown layout '{options.layout}'; choose one of {', '.join(LAYOUTS)}")
-    planned: list[PlannedBlock] = []
-    owner: dict[str, int] = {}
-    dropped = [
-        (a.block.label, a.block.dialect, a.primary.label) for a in detection.aliases if not a.copy
-    ]
-    for dropped_alias in detection.aliases:
-        if not dropped_alias.copy:
-            owner.update(dict.fromkeys(dropped_alias.block.keys(), _DROPPED))
-    for spec in detection.blocks:
-        geometry = block_geometry(spec, infos, source, dialect.kernel_layout)
-        for key in spec.keys():  # noqa: SIM118 - BlockSpec.keys(), not a dict
-            if key in owner:
-                raise UnfusableBlockError(
-                    f"{source}: key '{key}' belongs to two blocks, "
-                    f"'{planned[owner[key]].spec.label}' and '{spec.label}'"
-                )
-            owner[key] = len(planned)
-        alias = detection.alias_of(spec)
-        planned.append(
-            PlannedBlock(
-                spec,
-                geometry,
-                _layout_outputs(options.layout, spec),
-                alias_of=alias.primary.label if alias else None,
-            )
-        )
-
-    outputs: list[TensorInfo] = []
-    origins: dict[str, str] = {}
-    emitted: set[int] = set()
-    for key, info in infos.items():
-        index = owner.get(key)
-        if index == _DROPPED:
-            continue
-        if index is None:
-            outputs.append(TensorInfo(key, info.dtype, info.shape))
-            origins[key] = key
-        elif index not in emitted:
-            emitted.add(index)
-            block = planned[index]
-            outputs.extend(
-                _output_info(out_key, role, block.geometry, dialect.kernel_layout)
-                for out_key, role in block.outputs
-            )
-    if options.layout == "baseline":
-        _refuse_taken_bn(planned, origins, source)
-    renamed = [TensorInfo(_rename(t.name, options.renames), t.dtype, t.shape) for t in outputs]
-    seen: dict[str, str] = {}
-    for before, after in zip(outputs, renamed, strict=True):
-        if after.name in seen:
-            what = "after --rename " if options.renames else ""
-            raise (UsageError if options.renames else UnfusableBlockError)(
-                f"{source}: output key '{after.name}' {what}would be written twice "
-                f"(from '{seen[after.name]}' and '{before.name}'); does the checkpoint already hold fused weights?"
-            )
-        seen[after.name] = before.name
-    final_origins = {
-        after.name: origins[before.name]
-        for before, after in zip(outputs, renamed, strict=True)
-        if before.name in origins
-    }
-    return FusionPlan(
-        source=source,
-        dialect=dialect,
-        eps=eps,
-        blocks=tuple(
-            PlannedBlock(
-                b.spec,
-                b.geometry,
-                tuple((_rename(k, options.renames), r) for k, r in b.outputs),
-                b.alias_of,
-            )
-            for b in planned
-        ),
-        outputs=tuple(renamed),
-        origins=final_origins,
-        params_before=sum(t.numel for t in infos.values()),
-        params_after=sum(t.numel for t in renamed),
-        bytes_before=sum(t.nbytes for k, t in infos.items()),
-        bytes_after=sum(t.nbytes for t in renamed),
-        dropped_aliases=tuple(dropped),
-    )
-
-
-_DROPPED = -1  # owner of the keys of an alias block that is dropped
-
-
-def _same_tensor(reader: CheckpointReader) -> Callable[[str, str], bool]:
-    """``same(a, b)``: do keys a and b hold bit-identical tensors? Each key is read at most once."""
-    digests: dict[str, bytes] = {}
-
-    def digest(key: str) -> bytes:
-        if key not in digests:
-            digests[key] = hashlib.sha256(_raw_bytes(reader.read(key))).digest()
-        return digests[key]
-
-    def same(a: str, b: str) -> bool:
-        ia, ib = reader.tensors.get(a), reader.tensors.get(b)
-        if ia is None or ib is None:
-            return ia is ib
-        return (ia.dtype, ia.shape) == (ib.dtype, ib.shape) and digest(a) == digest(b)
-
-    return same
-
-
-def _plan_notes(plan: FusionPlan) -> tuple[str, ...]:
-    notes = [
-        f"block '{b.spec.label}' holds the same tensors as '{b.alias_of}' (a module registered "
-        "twice): fused once, written under both names"
-        for b in plan.blocks
-        if b.alias_of
-    ]
-    notes += [
-        f"dropped the keys of the '{dialect}' block '{alias}': they hold the same tensors as the "
-        f"'{plan.dialect.name}' block '{primary}' (another naming of it)"
-        for alias, dialect, primary in plan.dropped_aliases
-    ]
-    if plan.dialect.anchor is None:
-        notes.append(
-            "blocks were found by kernel shape alone (generic dialect); "
-            "check them with 'acnet-convert inspect' or name them with --patterns"
-        )
-    return tuple(notes)
-
-
 def _keras_attrs(reader: CheckpointReader, plan: FusionPlan) -> Any:
     """The source's Keras layer list with each block's layers replaced by its fused layer."""
     attrs = getattr(reader, "keras_attrs", None)
@@ -467,21 +229,6 @@ def _keras_attrs(reader: CheckpointReader, plan: FusionPlan) -> Any:
         if "/" in key and "/" in block.outputs[0][0]
     }
     return replace_keras_layers(attrs, replaced)
-
-
-def _refuse_taken_bn(
-    planned: Sequence[PlannedBlock], passed_through: Mapping[str, str], source: str
-) -> None:
-    """The baseline layout needs ``<u>.bn``; a pre-activation unit already has its own BN there."""
-    for block in planned:
-        taken = [key for key, role in block.outputs if role != "weight" and key in passed_through]
-        if taken:
-            raise UsageError(
-                f"{source}: block '{block.spec.label}': the baseline layout puts the fused bias in "
-                f"'{taken[0].rpartition('.')[0]}', but the checkpoint already has a BN there (one "
-                "before the conv, as in pre-activation units); a plain baseline without a conv "
-                "bias cannot hold this block. Use --layout deploy or --layout baseline-bias"
-            )
 
 
 def _identity_var(eps: float, dtype: str) -> np.ndarray:
@@ -701,12 +448,12 @@ class _ScratchFile(_FusedTensors):
         row = info.nbytes // info.shape[0]
 
         def put_rows(rows: slice, slab: np.ndarray) -> None:
-            write_range(self._fd, _raw_bytes(slab), start + rows.start * row)
+            write_range(self._fd, array_bytes(slab), start + rows.start * row)
 
         return put_rows
 
     def put(self, key: str, value: np.ndarray) -> None:
-        data = _raw_bytes(value)
+        data = array_bytes(value)
         write_range(self._fd, data, self._reserve(key, len(data)))
 
     def same_as(self, key: str, primary: str) -> None:
@@ -816,7 +563,7 @@ class _OutputFeed:
             self.expected[name] = raw
             return raw
         value = self._reader.read(self._origins[name])
-        data = _raw_bytes(value)
+        data = array_bytes(value)
         self.expected[name] = (zlib.crc32(data), len(data))
         return value
 
@@ -944,7 +691,7 @@ def fuse_checkpoint(
             if fmt == "pth"
             else ()
         )
-        notes += _plan_notes(plan)
+        notes += plan_notes(plan)
         report = FuseReport(
             source=str(source),
             output=str(output),
@@ -964,10 +711,6 @@ def fuse_checkpoint(
             notes=notes,
         )
     return report
-
-
-def _raw_bytes(array: np.ndarray) -> memoryview:
-    return np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
 
 
 def _confirm_written(
@@ -1015,9 +758,9 @@ def _landed_intact(
     if isinstance(meant, RawBytes):
         if stored is not None:
             return same_bytes(meant, stored)
-        return bytes(_raw_bytes(written.read(name))) == read_range(meant)
+        return bytes(array_bytes(written.read(name))) == read_range(meant)
     crc, length = meant
     if stored is not None:
         return stored.length == length and crc32_range(stored) == crc
-    data = _raw_bytes(written.read(name))
+    data = array_bytes(written.read(name))
     return len(data) == length and zlib.crc32(data) == crc

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from acnet_convert.checkpoint import TensorInfo, open_checkpoint
-from acnet_convert.convert import FuseOptions, FusionPlan, plan_fusion
 from acnet_convert.errors import ACNetConvertError, UnfusableBlockError, UsageError
+from acnet_convert.plan import FuseOptions, FusionPlan, plan_fusion
 
 __all__ = ["Inspection", "inspect_checkpoint", "render_inspection"]
 

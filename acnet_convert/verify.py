@@ -56,7 +56,6 @@ from acnet_convert import dtypes
 from acnet_convert.blockcheck import check_block
 from acnet_convert.blocks import from_layout, load_block
 from acnet_convert.checkpoint import CheckpointReader, open_checkpoint
-from acnet_convert.convert import LAYOUTS, FuseOptions, FusionPlan, PlannedBlock, plan_fusion
 from acnet_convert.errors import (
     ACNetConvertError,
     BadCheckpointError,
@@ -65,6 +64,7 @@ from acnet_convert.errors import (
     VerificationError,
 )
 from acnet_convert.fusion import BNStats, compare_outputs, fold_bn
+from acnet_convert.plan import LAYOUTS, FuseOptions, FusionPlan, PlannedBlock, plan_fusion
 
 if TYPE_CHECKING:
     import torch

@@ -15,12 +15,15 @@ import os
 import zlib
 from collections.abc import Iterator
 
+import numpy as np
+
 from acnet_convert.errors import BadCheckpointError
 
 from .base import RawBytes
 
 __all__ = [
     "CHUNK",
+    "array_bytes",
     "copy_range",
     "crc32_range",
     "iter_chunks",
@@ -42,6 +45,11 @@ def _short(raw: RawBytes, missing: int) -> BadCheckpointError:
         f"{missing} of {raw.length} bytes at offset {raw.offset} could not be read; "
         "the file was truncated while it was being read"
     )
+
+
+def array_bytes(array: np.ndarray) -> memoryview:
+    """An array's elements as bytes, in C order (copied only when not contiguous)."""
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
 
 
 def copy_range(raw: RawBytes, out_fd: int, out_offset: int) -> None:
