@@ -1,68 +1,77 @@
-"""The README's Python example runs as written.
-
-The code is the first ``python`` block under the heading "## Python API" in
-README.md; while the README has no such section, the copy below (the same
-text) runs instead.
-"""
+"""What the README tells a new user to type works as written."""
 
 from __future__ import annotations
 
-import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-HEADING = "## Python API"
-
-EXAMPLE = """\
-import torch
-from acnet_convert import fuse_and_load
-from acnet_convert.zoo import build_arch
-
-# A net trained with ACBlocks (untrained here, to keep the example short) and its checkpoint.
-train_net = build_arch("cfqkbnc", "train").eval()
-torch.save(train_net.state_dict(), "cfqkbnc_train.pth")
-
-# The plain baseline net: one conv and one BN per unit, no ACBlocks.
-net = build_arch("cfqkbnc", "baseline").eval()
-report = fuse_and_load(net, "cfqkbnc_train.pth")
-print(report.layout, report.blocks_fused)  # baseline 3
-
-x = torch.randn(2, 3, 32, 32)
-with torch.no_grad():
-    torch.testing.assert_close(net(x), train_net(x), rtol=1e-4, atol=1e-5)
-"""
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 
 
-def python_example(readme: str) -> str | None:
-    """The first python code block of the "## Python API" section, or None without one."""
-    lines = readme.splitlines()
-    if HEADING not in (line.rstrip() for line in lines):
-        return None
-    start = [line.rstrip() for line in lines].index(HEADING) + 1
-    section = []
-    for line in lines[start:]:
-        if line.startswith("## "):
+def section_blocks(heading: str, language: str = "") -> list[str]:
+    """The fenced code blocks (of ``language``, or unlabelled) in the README section ``heading``."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    stripped = [line.rstrip() for line in lines]
+    if heading not in stripped:
+        raise AssertionError(f"README.md has no section '{heading}'")
+    blocks: list[str] = []
+    current: list[str] | None = None
+    info = ""
+    for line in lines[stripped.index(heading) + 1 :]:
+        if current is None and line.startswith("## "):
             break
-        section.append(line)
-    block = re.search(r"^```python\n(.*?)^```", "\n".join(section) + "\n", re.S | re.M)
-    if block is None:
-        raise AssertionError(f"README.md: '{HEADING}' has no ```python code block")
-    return block.group(1)
+        if line.startswith("```"):
+            if current is None:
+                current, info = [], line[3:].strip()
+            else:
+                if info == language:
+                    blocks.append("\n".join(current) + "\n")
+                current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
 
 
-def test_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    code = python_example(README.read_text(encoding="utf-8")) or EXAMPLE
+def run_commands(block: str, cwd: Path) -> None:
+    """Run each ``acnet-convert`` line of a shell block, as the installed command."""
+    for line in block.splitlines():
+        words = shlex.split(line.split("#", 1)[0])
+        if not words or words[0] != "acnet-convert":
+            continue
+        done = subprocess.run(
+            [sys.executable, "-m", "acnet_convert", *words[1:]],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
+
+
+def test_python_api_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (code,) = section_blocks("## Python API", "python")
     monkeypatch.chdir(tmp_path)  # the example writes its checkpoint into the current folder
     exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
-    assert (tmp_path / "cfqkbnc_train.pth").exists() or "cfqkbnc" not in code
+    assert (tmp_path / "cfqkbnc_train.pth").exists()
 
 
-def test_example_extraction() -> None:
-    readme = f"# x\n\n{HEADING}\n\ntext\n\n```python\nprint(1)\n```\n\n```python\nno\n```\n"
-    readme += "## Next\n"
-    assert python_example(readme) == "print(1)\n"
-    assert python_example("# x\n\n## Other\n") is None
-    with pytest.raises(AssertionError, match="no ```python"):
-        python_example(f"{HEADING}\n\n```\nshell\n```\n## Next\n```python\nx\n```\n")
+def test_first_run_commands_work(tmp_path: Path) -> None:
+    (block,) = section_blocks("## First run")
+    (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
+    run_commands(block, tmp_path)
+    assert (tmp_path / "out.safetensors").exists()
+
+
+def test_dialect_example_commands_work(tmp_path: Path) -> None:
+    blocks = section_blocks("## Checkpoint dialects")
+    (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    run_commands(blocks[-1], tmp_path)
+    assert (tmp_path / "deploy.safetensors").exists()
+    (toml,) = section_blocks("## Checkpoint dialects", "toml")
+    example = (ROOT / "examples" / "patterns.toml").read_text(encoding="utf-8")
+    assert all(line in example for line in toml.splitlines() if line.strip())
