@@ -599,6 +599,11 @@ def fuse_state(
     return FusedState(plan, tensors, reports)
 
 
+# Keras full-model files describe the network in these root attributes; after
+# fusing they would describe the training-time net, so the output keeps weights only.
+_TRAINING_TIME_METADATA = ("model_config", "training_config")
+
+
 def fuse_checkpoint(
     source: Path,
     output: Path,
@@ -649,7 +654,7 @@ def fuse_checkpoint(
             digest = hashing.hexdigest()
         finally:
             hashing.cancel()
-        metadata = dict(reader.metadata)
+        metadata = {k: v for k, v in reader.metadata.items() if k not in _TRAINING_TIME_METADATA}
         metadata.update(
             {
                 "acnet_convert.version": __version__,
@@ -690,6 +695,12 @@ def fuse_checkpoint(
             )
             if fmt == "pth"
             else ()
+        )
+        notes += tuple(
+            f"dropped the '{k}' attribute: it describes the training-time network; "
+            "the output holds weights only (load them with load_weights)"
+            for k in _TRAINING_TIME_METADATA
+            if k in reader.metadata
         )
         notes += plan_notes(plan)
         report = FuseReport(

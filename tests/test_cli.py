@@ -360,3 +360,28 @@ def test_training_engine_checkpoint_with_optimizer_and_scheduler(tmp_path: Path,
     fused = torch.load(out, weights_only=True)
     assert list(fused) == ["model", "iteration"] and fused["iteration"] == 100
     assert set(fused["model"]) == {"0.fused_conv.weight", "0.fused_conv.bias"}
+
+
+def test_keras_full_model_file_keeps_weights_and_drops_its_model_config(
+    tmp_path: Path, run_cli
+) -> None:
+    import h5py
+
+    src = tmp_path / "full_model.h5"
+    with (
+        h5py.File(FIXTURES / "dialects" / "keras_acnet.h5", "r") as weights,
+        h5py.File(src, "w") as full,
+    ):
+        weights.copy("/", full, name="model_weights")
+        full.attrs["model_config"] = '{"class_name": "Functional", "layers": ["conv1_sqr"]}'
+        full.attrs["training_config"] = '{"loss": "categorical_crossentropy"}'
+        full.attrs["backend"] = "tensorflow"
+        full.attrs["keras_version"] = "2.13.1"
+    out = tmp_path / "fused.h5"
+    result = run_cli("fuse", src, out)
+    assert "dropped the 'model_config' attribute" in result.stderr
+    with h5py.File(out, "r") as fused:
+        assert "model_config" not in fused.attrs and "training_config" not in fused.attrs
+        assert fused.attrs["acnet_convert.dialect"] == "keras"
+    inspected = json.loads(run_cli("inspect", out, "--json").stdout)
+    assert inspected["blocks"] == [] and inspected["tensors"]
