@@ -281,7 +281,7 @@ def test_python_dash_m_and_help(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
-def test_fuse_does_not_import_torch(tmp_path: Path) -> None:
+def test_fuse_inspect_and_help_do_not_import_torch(tmp_path: Path) -> None:
     code = (
         "import sys; from acnet_convert.cli import main\n"
         "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
@@ -292,6 +292,8 @@ def test_fuse_does_not_import_torch(tmp_path: Path) -> None:
         subprocess.run(
             [sys.executable, "-c", code, "fuse", str(FIXTURES / src), str(out)], check=True
         )
+        subprocess.run([sys.executable, "-c", code, "inspect", str(out)], check=True)
+    subprocess.run([sys.executable, "-c", code, "--help"], check=True, capture_output=True)
 
 
 @pytest.mark.parametrize("out_fmt", ["pth", "hdf5", "safetensors"])
