@@ -44,9 +44,7 @@ def expand_inputs(patterns: Sequence[Path]) -> list[Path]:
             out.extend(Path(m) for m in matches)
         else:
             out.append(p)
-    seen: set[Path] = set()
-    unique = [p for p in out if not (p in seen or seen.add(p))]  # type: ignore[func-returns-value]
-    return unique
+    return list(dict.fromkeys(out))  # first occurrence of each, in order
 
 
 def output_path(source: Path, out_dir: Path, to_format: str | None) -> tuple[Path, str]:
