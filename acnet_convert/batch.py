@@ -1,11 +1,17 @@
 """Fusing many checkpoints in one go, optionally in worker processes.
 
-A file that fails is reported and does not stop the others.
+A file that fails, for whatever reason, is reported and does not stop the
+others. Ctrl-C or SIGTERM stops the workers (each removes its temporary file)
+and raises :class:`BatchInterrupted`, which lists the outputs completed
+before the signal; they are complete and valid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -14,9 +20,9 @@ from typing import Any
 
 from acnet_convert.checkpoint import format_for_path, open_checkpoint
 from acnet_convert.convert import FuseOptions, fuse_checkpoint
-from acnet_convert.errors import EXIT_OK, ACNetConvertError, UsageError
+from acnet_convert.errors import EXIT_OK, EXIT_UNUSABLE, ACNetConvertError, UsageError
 
-__all__ = ["BatchItem", "expand_inputs", "fuse_many", "output_path"]
+__all__ = ["BatchInterrupted", "BatchItem", "expand_inputs", "fuse_many", "output_path"]
 
 _SUFFIX = {"pth": ".pth", "hdf5": ".hdf5", "safetensors": ".safetensors"}
 
@@ -30,6 +36,15 @@ class BatchItem:
     exit_code: int
     report: dict[str, Any] | None
     error: str | None
+
+
+class BatchInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during :func:`fuse_many`: what was completed, and what was not."""
+
+    def __init__(self, completed: Sequence[BatchItem], not_completed: Sequence[Path]) -> None:
+        super().__init__("interrupted")
+        self.completed = list(completed)
+        self.not_completed = list(not_completed)
 
 
 def expand_inputs(patterns: Sequence[Path]) -> list[Path]:
@@ -70,6 +85,54 @@ def _fuse_one(
         return BatchItem(str(source), str(output), EXIT_OK, report.as_json(), None)
     except ACNetConvertError as err:
         return BatchItem(str(source), str(output), err.exit_code, None, str(err))
+    except MemoryError:
+        message = f"{source}: out of memory while reading it; is the file what it claims to be?"
+        return BatchItem(str(source), str(output), EXIT_UNUSABLE, None, message)
+    except OSError as err:
+        from acnet_convert.outputs import describe_os_error
+
+        message, code = describe_os_error(err)
+        return BatchItem(str(source), str(output), code, None, f"{source}: {message}")
+    except Exception as err:  # a bug: this file's failure, not the whole batch's
+        message = (
+            f"{source}: internal error ({type(err).__name__}: {err}); please report it "
+            "with the command you ran"
+        )
+        return BatchItem(str(source), str(output), EXIT_UNUSABLE, None, message)
+
+
+_busy = False  # in a worker: whether a file is being fused (SIGTERM then cleans up)
+
+
+def _worker_init() -> None:
+    """Workers leave Ctrl-C to the parent; SIGTERM cleans up a file in progress, then exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_terminate)
+
+
+def _worker_terminate(signum: int, frame: object) -> None:
+    if _busy:
+        # Unwinds the conversion (atomic_output removes its temporary file); the
+        # worker then exits instead of taking the next queued input.
+        raise _WorkerStop(f"signal {signum}")
+    os._exit(128 + signum)
+
+
+class _WorkerStop(KeyboardInterrupt):
+    pass
+
+
+def _fuse_in_worker(
+    source: Path, out_dir: Path, to_format: str | None, options: FuseOptions, force: bool
+) -> BatchItem:
+    global _busy
+    _busy = True
+    try:
+        return _fuse_one(source, out_dir, to_format, options, force)
+    except _WorkerStop:
+        os._exit(128 + signal.SIGTERM)
+    finally:
+        _busy = False
 
 
 def fuse_many(
@@ -96,11 +159,26 @@ def fuse_many(
             f"two inputs would both be written as '{dup}' in {out_dir}; fuse them into separate folders"
         )
     results: dict[int, BatchItem] = {}
-    for index, item in _run(sources, out_dir, to_format, options, force, jobs):
-        results[index] = item
-        if on_done:
-            on_done(item)
+    try:
+        for index, item in _run(sources, out_dir, to_format, options, force, jobs):
+            results[index] = item
+            if on_done:
+                on_done(item)
+    except KeyboardInterrupt as err:
+        completed = [results[i] for i in sorted(results) if results[i].exit_code == EXIT_OK]
+        rest = [src for i, src in enumerate(sources) if i not in results]
+        _remove_partials(out_dir, [out_dir / (p.stem if to_format else p.name) for p in rest])
+        raise BatchInterrupted(completed, rest) from err
     return [results[i] for i in range(len(sources))]
+
+
+def _remove_partials(out_dir: Path, outputs: Sequence[Path]) -> None:
+    """Temporary files of outputs never completed (a worker killed before it could clean up)."""
+    stems = [o.name for o in outputs]
+    for leftover in out_dir.glob(".*.partial"):
+        if any(leftover.name.startswith(f".{stem}") for stem in stems):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
 
 
 def _run(
@@ -115,10 +193,28 @@ def _run(
         for i, src in enumerate(sources):
             yield i, _fuse_one(src, out_dir, to_format, options, force)
         return
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    pool = ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init)
+    try:
         futures = {
-            pool.submit(_fuse_one, src, out_dir, to_format, options, force): i
+            pool.submit(_fuse_in_worker, src, out_dir, to_format, options, force): i
             for i, src in enumerate(sources)
         }
         for future in as_completed(futures):
             yield futures[future], future.result()
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGTERM every worker: one fusing a file removes its temporary file and exits."""
+    processes = list(getattr(pool, "_processes", {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.terminate()
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.join(timeout=30)

@@ -236,8 +236,35 @@ def fuse(
         raise UsageError("fuse takes CKPT OUT (or several CKPTs with --out-dir DIR)")
     source, output = paths
     from acnet_convert.checkpoint import format_for_path
+    from acnet_convert.outputs import prepare_output, remove_created
 
-    fmt = format_for_path(output, to_format)
+    created = [] if dry_run else prepare_output(source, output, force=force)
+    try:
+        _fuse_one_file(
+            source,
+            output,
+            format_for_path(output, to_format),
+            options,
+            force,
+            dry_run,
+            quiet,
+            as_json,
+        )
+    except BaseException:
+        remove_created(created)
+        raise
+
+
+def _fuse_one_file(
+    source: Path,
+    output: Path,
+    fmt: str,
+    options: Any,
+    force: bool,
+    dry_run: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
     if dry_run:
         _dry_run(source, output, fmt, options, as_json)
         return
@@ -275,9 +302,45 @@ def _fuse_batch(
     quiet: bool,
     as_json: bool,
 ) -> int:
-    from acnet_convert.batch import expand_inputs, fuse_many
+    from acnet_convert.batch import BatchInterrupted, expand_inputs
 
     sources = expand_inputs(paths)
+    try:
+        return _fuse_batch_items(sources, out_dir, to_format, options, force, jobs, quiet, as_json)
+    except BatchInterrupted as stop:
+        done = ", ".join(i.output for i in stop.completed) or "none"
+        rest = ", ".join(str(p) for p in stop.not_completed) or "none"
+        message = (
+            f"interrupted: {len(stop.completed)} of {len(sources)} outputs were completed and "
+            f"are valid ({done}); not written: {rest}"
+        )
+        if as_json:
+            _emit_json(
+                {
+                    "schema": 1,
+                    "ok": False,
+                    "interrupted": True,
+                    "out_dir": str(out_dir),
+                    "completed": [i.output for i in stop.completed],
+                    "not_completed": [str(p) for p in stop.not_completed],
+                    "error": message,
+                }
+            )
+        _fail(_stderr(), _escape(message), 130)
+
+
+def _fuse_batch_items(
+    sources: Sequence[Path],
+    out_dir: Path,
+    to_format: str | None,
+    options: Any,
+    force: bool,
+    jobs: int,
+    quiet: bool,
+    as_json: bool,
+) -> int:
+    from acnet_convert.batch import fuse_many
+
     err = _stderr()
     show = not quiet
 
@@ -312,6 +375,7 @@ def _fuse_batch(
     if as_json:
         _emit_json(
             {
+                "schema": 1,
                 "out_dir": str(out_dir),
                 "results": [
                     {
@@ -715,35 +779,68 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``acnet-convert`` command."""
     from acnet_convert.atomic import terminate_as_interrupt
 
+    args = list(argv) if argv is not None else sys.argv[1:]
+    as_json = "--json" in args[: args.index("--")] if "--" in args else "--json" in args
+    command = next((a for a in args if not a.startswith("-")), None)
+
+    def fail(message: str, code: int, *, escaped: bool = False) -> NoReturn:
+        if as_json:
+            _emit_json(
+                {"schema": 1, "ok": False, "command": command, "exit_code": code, "error": message}
+            )
+        _fail(_stderr(), message if escaped else _escape(message), code)
+
+    _ignore_file_size_signal()
     try:
         # SIGTERM (kill, a CI timeout) must clean up a half-written output like Ctrl-C does.
         with terminate_as_interrupt():
-            args = list(argv) if argv is not None else None
             cli.main(args=args, prog_name="acnet-convert", standalone_mode=False)
     except ACNetConvertError as err:
-        _fail(_stderr(), _escape(str(err)), err.exit_code)
+        fail(str(err), err.exit_code)
     except click.exceptions.Abort:
-        _fail(_stderr(), "interrupted; nothing was written", 130)
+        fail("interrupted; nothing was written", 130)
     except KeyboardInterrupt:
-        _fail(_stderr(), "interrupted; nothing was written", 130)
+        fail("interrupted; nothing was written", 130)
     except click.ClickException as err:
+        if as_json:
+            _emit_json(
+                {
+                    "schema": 1,
+                    "ok": False,
+                    "command": command,
+                    "exit_code": EXIT_USAGE,
+                    "error": err.format_message(),
+                }
+            )
         err.show()
         sys.exit(EXIT_USAGE if err.exit_code == 2 else err.exit_code)
     except SystemExit:
         raise
     except MemoryError:
-        _fail(
-            _stderr(),
+        fail(
             "out of memory while reading the input; is the file what it claims to be?",
             EXIT_UNUSABLE,
         )
+    except OSError as err:  # the environment (permissions, disk, limits), not a bug
+        from acnet_convert.outputs import describe_os_error
+
+        fail(*describe_os_error(err))
     except Exception as err:  # a bug, not the user's fault: say so in one line
-        _fail(
-            _stderr(),
-            f"internal error ({type(err).__name__}: {_escape(str(err))}); please report it with the command you ran",
+        fail(
+            f"internal error ({type(err).__name__}: {err}); please report it with the command you ran",
             EXIT_INTERNAL,
         )
     sys.exit(0)
+
+
+def _ignore_file_size_signal() -> None:
+    """Let a write past ``ulimit -f`` fail with EFBIG (a clear error) instead of killing us."""
+    import contextlib
+    import signal
+
+    if hasattr(signal, "SIGXFSZ"):
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
 def _escape(text: str) -> str:
@@ -753,4 +850,7 @@ def _escape(text: str) -> str:
 
     # Names come from the file: show control characters (a newline, a terminal escape
     # sequence) as Python escapes, so a message stays one harmless line.
-    return escape(re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], text))
+    # Lone surrogates (from a pickle's names) cannot be printed at all: escape them too.
+    return escape(
+        re.sub(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]", lambda m: repr(m.group())[1:-1], text)
+    )

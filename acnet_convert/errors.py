@@ -14,6 +14,7 @@ __all__ = [
     "EXIT_USAGE",
     "ACNetConvertError",
     "BadCheckpointError",
+    "OutputError",
     "UnfusableBlockError",
     "UnsafeCheckpointError",
     "UsageError",
@@ -36,6 +37,10 @@ class UsageError(ACNetConvertError):
     """Options that contradict each other or name something that does not exist."""
 
     exit_code = EXIT_USAGE
+
+
+class OutputError(UsageError):
+    """The output cannot be written there: a folder, a special file, no permission, no space."""
 
 
 class BadCheckpointError(ACNetConvertError):

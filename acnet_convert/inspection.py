@@ -114,7 +114,10 @@ def _shown(text: str) -> str:
     """A name from the file as literal rich text: markup escaped, control characters as escapes."""
     from rich.markup import escape
 
-    return escape(re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], text))
+    # Lone surrogates (from a pickle's names) cannot be printed at all: escape them too.
+    return escape(
+        re.sub(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]", lambda m: repr(m.group())[1:-1], text)
+    )
 
 
 def _shape(shape: tuple[int, ...]) -> str:

@@ -115,7 +115,7 @@ def test_permission_denied_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     def deny(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(sniff, "open", deny, raising=False)
+    monkeypatch.setattr(sniff, "open_regular", deny)
     _refused(path, "permission denied")
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from acnet_convert.errors import UsageError
+from acnet_convert.errors import BadCheckpointError, UsageError
 
 from .base import CheckpointReader, Container, RawBytes, TensorInfo
 
@@ -83,6 +83,22 @@ def open_checkpoint(path: Path, *, trust_pickle: bool = False) -> CheckpointRead
     return PthReader(path, trust_pickle=trust_pickle)
 
 
+def _require_utf8(fmt: str, names: Sequence[str], metadata: dict[str, str]) -> None:
+    """safetensors and HDF5 store names as UTF-8: refuse text that has no UTF-8 form."""
+    for what, text in (
+        *(("tensor name", n) for n in names),
+        *(("metadata key", k) for k in metadata),
+        *((f"metadata '{k}'", v) for k, v in metadata.items()),
+    ):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise BadCheckpointError(
+                f"{what} {text!r} holds a lone surrogate ({text[err.start]!r}), which {fmt} "
+                "cannot store (it needs UTF-8); rename it (--rename) or write .pth"
+            ) from err
+
+
 def write_checkpoint(
     path: Path,
     fmt: str,
@@ -104,6 +120,8 @@ def write_checkpoint(
     (safetensors ``__metadata__``, HDF5 root attributes). ``keras_attrs``,
     when given, replaces the Keras layer bookkeeping of ``source``.
     """
+    if fmt in ("safetensors", "hdf5"):
+        _require_utf8(fmt, [container.prefix + t.name for t in tensors], metadata)
     if fmt == "safetensors":
         from .safetensors_io import write_safetensors
 

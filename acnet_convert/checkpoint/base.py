@@ -14,15 +14,18 @@ memory.
 from __future__ import annotations
 
 import math
+import os
+import stat
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from acnet_convert import dtypes
+from acnet_convert.errors import BadCheckpointError
 
 __all__ = [
     "CheckpointReader",
@@ -32,7 +35,10 @@ __all__ = [
     "TensorInfo",
     "check_produced",
     "check_raw",
+    "check_shape",
     "contiguous_strides",
+    "open_regular",
+    "require_regular_file",
 ]
 
 
@@ -141,6 +147,83 @@ class CheckpointReader(ABC):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# Sizes stay far below what numpy's and int64 index arithmetic can hold.
+MAX_TENSOR_BYTES = 2**62
+
+
+def check_shape(where: str, shape: tuple[int, ...], itemsize: int) -> None:
+    """Refuse a shape numpy could not even describe, zero-size ones included.
+
+    ``(0, 2**62)`` holds no element, but numpy refuses to create it, so every
+    dimension, and the product of the non-zero ones, must stay below 2**62 bytes.
+
+    Raises:
+        BadCheckpointError: the shape is impossibly large.
+    """
+    nonzero = math.prod(n for n in shape if n)
+    if any(n >= MAX_TENSOR_BYTES for n in shape) or nonzero * itemsize >= MAX_TENSOR_BYTES:
+        raise BadCheckpointError(
+            f"{where}: shape {tuple(shape)} is impossibly large; the file is corrupt"
+        )
+
+
+def require_regular_file(path: Path) -> int:
+    """The size of ``path``, refusing anything but an existing regular file (or a link to one).
+
+    A FIFO would block every open or read forever, a device (``/dev/zero``)
+    never ends, and a directory is not a checkpoint: all are refused before
+    anything opens them.
+
+    Raises:
+        BadCheckpointError: missing, unreadable, or not a regular file.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError as err:
+        raise BadCheckpointError(f"{path}: cannot open: it does not exist") from err
+    except OSError as err:
+        raise BadCheckpointError(f"{path}: cannot open: {err.strerror or err}") from err
+    if stat.S_ISDIR(info.st_mode):
+        raise BadCheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if not stat.S_ISREG(info.st_mode):
+        kind = (
+            "a FIFO (named pipe)"
+            if stat.S_ISFIFO(info.st_mode)
+            else "a device"
+            if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
+            else "a socket"
+            if stat.S_ISSOCK(info.st_mode)
+            else "not a regular file"
+        )
+        raise BadCheckpointError(
+            f"{path}: is {kind}, not a regular file; save the checkpoint to a file first"
+        )
+    return info.st_size
+
+
+def open_regular(path: Path) -> IO[bytes]:
+    """``open(path, "rb")``, refusing a non-regular file even if it was swapped in after a check.
+
+    The open itself does not block on a FIFO (``O_NONBLOCK``); the type is then
+    checked on the open descriptor.
+
+    Raises:
+        BadCheckpointError: not a regular file.
+        OSError: the file cannot be opened.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadCheckpointError(f"{path}: is not a regular file; save it to a file first")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 # --- checks every writer makes on what it is handed ---------------------------

@@ -24,17 +24,51 @@ _PREFIXES = ("module.", "_orig_mod.")
 _TRAINING_STATE = re.compile(r"optim|sched|scaler|ema|swa", re.IGNORECASE)
 
 
+# Plain data is written out in full (pickle, JSON): a structure that shares
+# sub-structures many times would expand exponentially, so it counts as
+# its expanded size, and above this many nodes it is not plain data.
+_MAX_PLAIN_NODES = 100_000
+_MAX_PLAIN_DEPTH = 32
+
+
 def is_plain_data(value: Any, depth: int = 0) -> bool:
-    """True for None/bool/int/float/str and lists, tuples and str-keyed dicts of them."""
-    if depth > 32:
-        return False
+    """True for None/bool/int/float/str and lists, tuples and str-keyed dicts of them.
+
+    Linear in the number of distinct objects, however often they are shared;
+    cycles, nesting deeper than 32 and structures that expand to more than
+    100,000 nodes are not plain data.
+    """
+    return _expanded_size(value, depth, {}, set()) is not None
+
+
+def _expanded_size(value: Any, depth: int, sizes: dict[int, int], active: set[int]) -> int | None:
     if value is None or isinstance(value, (bool, int, float, str)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(is_plain_data(v, depth + 1) for v in value)
+        return 1
+    if depth > _MAX_PLAIN_DEPTH or not isinstance(value, (list, tuple, dict)):
+        return None
+    key = id(value)
+    if key in sizes:
+        return sizes[key]
+    if key in active:
+        return None  # a cycle
+    active.add(key)
     if isinstance(value, dict):
-        return all(isinstance(k, str) and is_plain_data(v, depth + 1) for k, v in value.items())
-    return False
+        if not all(isinstance(k, str) for k in value):
+            return None
+        children: Any = value.values()
+    else:
+        children = value
+    total = 1
+    for child in children:
+        size = _expanded_size(child, depth + 1, sizes, active)
+        if size is None:
+            return None
+        total += size
+        if total > _MAX_PLAIN_NODES:
+            return None
+    active.discard(key)
+    sizes[key] = total
+    return total
 
 
 def _bare(name: str) -> str:

@@ -40,7 +40,16 @@ import numpy as np
 from acnet_convert import dtypes
 from acnet_convert.errors import BadCheckpointError, UsageError
 
-from .base import CheckpointReader, Container, RawBytes, TensorInfo, check_produced, check_raw
+from .base import (
+    CheckpointReader,
+    Container,
+    RawBytes,
+    TensorInfo,
+    check_produced,
+    check_raw,
+    check_shape,
+    require_regular_file,
+)
 from .containers import strip_prefix
 from .rawio import copy_range, read_range
 
@@ -114,8 +123,8 @@ class Hdf5Reader(CheckpointReader):
         self.keras_attrs: KerasAttrs | None = None
         self._paths: dict[str, str] = {}
         self._fd: int | None = None  # for raw(): a copy of the HDF5 library's own descriptor
+        file_size = require_regular_file(path)
         try:
-            file_size = path.stat().st_size
             self._file: h5py.File | None = h5py.File(path, "r")
         except _H5_ERRORS as err:
             raise BadCheckpointError(
@@ -299,6 +308,34 @@ def _name_list(obj: h5py.HLObject, name: str, path: Path) -> list[str] | None:
     return names
 
 
+def _hard_get(group: h5py.Group, name: str, path: Path) -> h5py.HLObject | None:
+    """``group[name]`` following hard links only, one path component at a time; None if absent.
+
+    A name comes from the file (Keras ``layer_names``), so it may spell an
+    absolute path, or pass through a soft or external link: resolving one
+    would open another file (a FIFO would block forever). Never do that.
+    """
+    obj: h5py.HLObject = group
+    for part in name.split("/"):
+        if part in ("", "."):
+            raise BadCheckpointError(
+                f"{path}: name '{name}' listed in '{group.name}' is not a plain relative "
+                "path; the file is corrupt or crafted"
+            )
+        if not isinstance(obj, h5py.Group):
+            return None
+        link = obj.get(part, getlink=True)
+        if link is None:
+            return None
+        if not isinstance(link, h5py.HardLink):
+            raise BadCheckpointError(
+                f"{path}: '{name}' (listed in '{group.name}') goes through a "
+                f"{type(link).__name__}; refusing to follow links in a checkpoint"
+            )
+        obj = obj[part]
+    return obj
+
+
 def _keras_weights_group(root: h5py.File) -> h5py.Group | None:
     """The group holding Keras layer groups, or None for a non-Keras file."""
     if "layer_names" in root.attrs or "layer_names0" in root.attrs:
@@ -317,7 +354,7 @@ def _read_keras_attrs(group: h5py.Group, path: Path) -> KerasAttrs:
     layer_names = _name_list(group, "layer_names", path) or []
     weight_names: dict[str, tuple[str, ...]] = {}
     for layer in layer_names:
-        layer_group = group.get(layer)
+        layer_group = _hard_get(group, layer, path)
         if not isinstance(layer_group, h5py.Group):
             raise BadCheckpointError(
                 f"{path}: Keras layer '{layer}' is listed in 'layer_names' but has no group; "
@@ -407,6 +444,7 @@ def _check_dataset(
     shape = dataset.shape
     if shape is None:
         raise BadCheckpointError(f"{where}: has no shape (an HDF5 null dataspace), not a tensor")
+    check_shape(where, tuple(int(d) for d in shape), np_dtype.itemsize)
     nbytes = math.prod(shape) * np_dtype.itemsize
     plist = dataset.id.get_create_plist()
     layout = plist.get_layout()

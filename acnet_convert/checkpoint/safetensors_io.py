@@ -14,12 +14,11 @@ real size first, and tensor bytes are then served as views of an mmap.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
-import mmap
 import os
+import reprlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,19 @@ import numpy as np
 from acnet_convert import dtypes
 from acnet_convert.errors import BadCheckpointError
 
-from .base import CheckpointReader, Container, RawBytes, TensorInfo, check_produced, check_raw
+from .base import (
+    CheckpointReader,
+    Container,
+    RawBytes,
+    TensorInfo,
+    check_produced,
+    check_raw,
+    check_shape,
+    open_regular,
+    require_regular_file,
+)
 from .containers import strip_prefix
-from .rawio import copy_range
+from .rawio import copy_range, read_exactly
 from .sniff import MAX_HEADER_BYTES
 
 __all__ = [
@@ -63,7 +72,10 @@ _METADATA_KEY = "__metadata__"
 
 
 class SafetensorsReader(CheckpointReader):
-    """An open ``.safetensors`` file: the header is validated on open, tensors are mmap views.
+    """An open ``.safetensors`` file: the header is validated on open, tensors are read by pread.
+
+    Reads go through ``pread`` rather than a memory map, so a file that is
+    truncated while it is open is a clear error, not a SIGBUS.
 
     Example:
         >>> with SafetensorsReader(Path("model.safetensors")) as reader:  # doctest: +SKIP
@@ -78,18 +90,16 @@ class SafetensorsReader(CheckpointReader):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self._mmap: mmap.mmap | None = None
-        self._fd: int | None = None  # for raw(): copies and checksums by pread, not the mmap
+        self._fd: int | None = None  # reads, copies and checksums by pread
         # Stripped name -> (absolute byte offset in the file, numpy storage dtype).
         self._where: dict[str, tuple[int, np.dtype[Any]]] = {}
         try:
-            with open(path, "rb") as handle:
+            require_regular_file(path)
+            with open_regular(path) as handle:
                 file_size = os.fstat(handle.fileno()).st_size
                 header_len, header = _read_header(handle, file_size, path)
                 entries = _parse_header(header, file_size - 8 - header_len, path)
                 self._index(entries, 8 + header_len)
-                # Mapped only once the header has been checked against this size.
-                self._mmap = mmap.mmap(handle.fileno(), file_size, access=mmap.ACCESS_READ)
                 self._fd = os.dup(handle.fileno())
         except OSError as err:
             raise BadCheckpointError(
@@ -114,28 +124,26 @@ class SafetensorsReader(CheckpointReader):
         return self
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor ``name`` as a read-only, C-contiguous array of its storage dtype.
+        """The tensor ``name`` as a new read-only, C-contiguous array of its storage dtype.
 
-        bfloat16 comes back as uint16 bit patterns. The array is a view of the
-        file's mmap, except for a tensor whose bytes are not aligned for its
-        dtype (possible after an odd-sized float16 tensor): that one is copied.
+        bfloat16 comes back as uint16 bit patterns.
 
         Raises:
+            BadCheckpointError: the file is now shorter than its header says
+                (truncated while open).
             KeyError: no tensor of that name (a caller bug: names come from ``tensors``).
         """
         info = self.tensors[name]
         offset, np_dtype = self._where[name]
-        if info.numel == 0:
-            empty = np.empty(info.shape, dtype=np_dtype)
-            empty.flags.writeable = False
-            return empty
-        if self._mmap is None:
-            raise ValueError(f"{self.path}: the reader is closed")
-        array = np.frombuffer(self._mmap, dtype=np_dtype, count=info.numel, offset=offset)
-        array = array.reshape(info.shape)
-        if not array.flags.aligned:
-            array = array.copy()
-            array.flags.writeable = False
+        array = np.empty(info.shape, dtype=np_dtype)
+        if info.numel:
+            if self._fd is None:
+                raise ValueError(f"{self.path}: the reader is closed")
+            try:
+                read_exactly(self._fd, array.reshape(-1).view(np.uint8).data, offset)
+            except BadCheckpointError as err:
+                raise BadCheckpointError(f"{self.path}: tensor '{name}': {err}") from err
+        array.flags.writeable = False
         return array
 
     def raw(self, name: str) -> RawBytes | None:
@@ -146,16 +154,10 @@ class SafetensorsReader(CheckpointReader):
         return RawBytes(self._fd, self._where[name][0], info.nbytes)
 
     def close(self) -> None:
-        """Release the mmap (it lives on while arrays read from it are still referenced)."""
+        """Close the file."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if self._mmap is not None:
-            # Views handed out by read() may still use the mapping; it is then
-            # unmapped when the last of them is garbage-collected.
-            with contextlib.suppress(BufferError):
-                self._mmap.close()
-            self._mmap = None
 
 
 def _read_header(handle: Any, file_size: int, path: Path) -> tuple[int, bytes]:
@@ -288,10 +290,15 @@ def _check_entry(
     dtype = _CODE_TO_DTYPE[code]
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise BadCheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        raise BadCheckpointError(
+            f"{where}: shape {reprlib.repr(shape)} is not a list of non-negative integers"
+        )
+    check_shape(where, tuple(shape), dtypes.itemsize(dtype))
     offsets = entry["data_offsets"]
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
-        raise BadCheckpointError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
+        raise BadCheckpointError(
+            f"{where}: data_offsets {reprlib.repr(offsets)} is not a pair of integers"
+        )
     begin, end = offsets
     if not 0 <= begin <= end <= buffer_size:
         raise BadCheckpointError(

@@ -10,9 +10,11 @@ import errno
 import logging
 import os
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from acnet_convert.errors import BadCheckpointError
+
+from .base import open_regular, require_regular_file
 
 __all__ = ["FORMAT_NAMES", "MAX_HEADER_BYTES", "ZIP_MAGIC", "extension_note", "sniff_format"]
 
@@ -61,8 +63,9 @@ def sniff_format(path: Path) -> str:
         >>> sniff_format(Path("resnet56_acnet.pth"))  # doctest: +SKIP
         'pth-zip'
     """
+    require_regular_file(path)
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             size = os.fstat(handle.fileno()).st_size
             head = handle.read(32)
             kind = _sniff(head, size)
@@ -115,7 +118,7 @@ def _sniff(head: bytes, size: int) -> str | None:
     return None
 
 
-def _hdf5_after_userblock(handle: BinaryIO, size: int) -> str | None:
+def _hdf5_after_userblock(handle: IO[bytes], size: int) -> str | None:
     """HDF5 also puts its signature at 512, 1024, 2048, ... after a user block."""
     offset = 512
     while offset + len(_HDF5_MAGIC) <= size:

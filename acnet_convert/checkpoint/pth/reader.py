@@ -20,12 +20,12 @@ tensors and plain data, go through ``torch.load``, importing torch lazily.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import mmap
+import os
 import pickle
 import re
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +36,19 @@ import numpy as np
 from acnet_convert import dtypes
 from acnet_convert.errors import ACNetConvertError, BadCheckpointError, UnsafeCheckpointError
 
-from ..base import CheckpointReader, RawBytes, TensorInfo, contiguous_strides
+from ..base import (
+    CheckpointReader,
+    RawBytes,
+    TensorInfo,
+    check_shape,
+    contiguous_strides,
+    open_regular,
+    require_regular_file,
+)
 from ..containers import unwrap
-from ..rawio import read_exactly
+from ..rawio import crc32_range, read_exactly
 from ..sniff import ZIP_MAGIC
-from .unpickler import TRUST_ADVICE, DType, StorageRef, TensorRef, unpickle
+from .unpickler import TRUST_ADVICE, DType, StorageRef, TensorRef, short_repr, unpickle
 from .zipfmt import member_span
 
 __all__ = ["PthReader"]
@@ -84,6 +92,67 @@ def _int_tuple(value: Any) -> tuple[int, ...] | None:
     return None
 
 
+# Sizes, strides and offsets stay far below what int64 index arithmetic can hold.
+_HUGE = 2**62
+
+
+def pickle_limit(file_size: int) -> int:
+    """The most bytes a (compressed) data.pkl may inflate to: as for compressed HDF5 data."""
+    return 16 * file_size + 2**20
+
+
+def _read_member(zf: zipfile.ZipFile, member: zipfile.ZipInfo, limit: int, path: Path) -> bytes:
+    """A small record's bytes, read through zipfile (which checks its CRC-32), at most ``limit``."""
+    with zf.open(member) as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise BadCheckpointError(
+            f"{path}: record '{member.filename}' inflates to more than {limit} bytes, far more "
+            f"than a {path.stat().st_size}-byte checkpoint holds; the file is corrupt or crafted "
+            "(torch stores records uncompressed: save it again)"
+        )
+    return data
+
+
+def _check_layout(
+    where: str,
+    shape: tuple[int, ...],
+    stride: tuple[int, ...],
+    offset: int,
+    itemsize: int,
+    nbytes: int,
+    record: str,
+) -> None:
+    """Refuse sizes that overflow, views that run past their storage, and overlapping views."""
+    check_shape(where, shape, itemsize)
+    if any(s >= _HUGE for s in stride) or offset >= _HUGE:
+        raise BadCheckpointError(
+            f"{where}: size {shape} with stride {stride} is impossibly large; the file is corrupt"
+        )
+    if math.prod(shape) == 0:
+        return
+    extent = 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
+    needed = (offset + extent) * itemsize
+    if needed > nbytes:
+        raise BadCheckpointError(
+            f"{where} needs {needed} bytes of storage '{record}', which holds only "
+            f"{nbytes}; the file is truncated or corrupt"
+        )
+    # Elements that share storage (stride 0 from expand(), or as_strided views)
+    # would be expanded into far more memory and output than the file holds.
+    reach = 0
+    for n, s in sorted(
+        ((n, s) for n, s in zip(shape, stride, strict=True) if n > 1), key=lambda pair: pair[1]
+    ):
+        if s <= reach:
+            raise BadCheckpointError(
+                f"{where}: size {shape} with stride {stride} reuses its elements (an "
+                "expand()ed or as_strided view); acnet-convert does not expand such tensors: "
+                "save it with .contiguous() (or .clone()) first"
+            )
+        reach += (n - 1) * s
+
+
 class PthReader(CheckpointReader):
     """A PyTorch checkpoint (``torch.save`` zip format, or legacy pre-1.6 pickle).
 
@@ -112,11 +181,13 @@ class PthReader(CheckpointReader):
         super().__init__(path)
         self.trust_pickle = trust_pickle
         self._file: IO[bytes] | None = None
-        self._mmap: mmap.mmap | None = None
+        self._size = 0
         self._located: dict[str, _Located] = {}
+        self._verified: set[int] = set()  # data offsets of records whose CRC-32 was checked
         self._torch_tensors: dict[str, Any] = {}
+        self._size = require_regular_file(path)
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:
                 head = f.read(512)
         except OSError as err:
             raise BadCheckpointError(f"{path}: cannot open: {err.strerror or err}") from err
@@ -147,8 +218,8 @@ class PthReader(CheckpointReader):
     def _open_zip(self) -> None:
         path = self.path
         try:
-            self._file = open(path, "rb")  # noqa: SIM115 - held open until close()
-            self._mmap = mapped = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            self._file = open_regular(path)
+            self._size = os.fstat(self._file.fileno()).st_size
             with zipfile.ZipFile(self._file) as zf:
                 members = {info.filename: info for info in zf.infolist()}
                 pkl_name = next(
@@ -162,8 +233,9 @@ class PthReader(CheckpointReader):
                 archive = pkl_name[: -len("/data.pkl")]
                 byteorder = "little"
                 if f"{archive}/byteorder" in members:
-                    byteorder = zf.read(f"{archive}/byteorder").decode("ascii", "replace")
-                pickled = zf.read(pkl_name)
+                    raw_order = _read_member(zf, members[f"{archive}/byteorder"], 64, path)
+                    byteorder = raw_order.decode("ascii", "replace")
+                pickled = _read_member(zf, members[pkl_name], pickle_limit(self._size), path)
         except ACNetConvertError:
             raise
         except Exception as err:  # zipfile raises many kinds on damaged archives
@@ -176,9 +248,10 @@ class PthReader(CheckpointReader):
                 f"{path}: byteorder record says {byteorder[:20]!r}, expected 'little' or 'big'"
             )
         obj = unpickle(pickled, self.path)
+        del pickled
         state_dict, self.container = unwrap(obj, path, lambda v: isinstance(v, TensorRef))
         for name, ref in state_dict.items():
-            info, located = self._check(name, ref, archive, members, byteorder, mapped)
+            info, located = self._check(name, ref, archive, members, byteorder)
             self.tensors[name] = info
             self._located[name] = located
 
@@ -189,7 +262,6 @@ class PthReader(CheckpointReader):
         archive: str,
         members: Mapping[str, zipfile.ZipInfo],
         byteorder: str,
-        mapped: mmap.mmap,
     ) -> tuple[TensorInfo, _Located]:
         """Validate one tensor before any of its bytes are touched."""
         where = f"{self.path}: tensor '{name}'"
@@ -201,7 +273,9 @@ class PthReader(CheckpointReader):
         dtype = storage.dtype
         if ref.dtype is not None:
             if not isinstance(ref.dtype, DType):
-                raise BadCheckpointError(f"{where}: its dtype {ref.dtype!r} is not a torch dtype")
+                raise BadCheckpointError(
+                    f"{where}: its dtype {short_repr(ref.dtype)} is not a torch dtype"
+                )
             dtype = ref.dtype.name
         if not isinstance(dtype, str):
             raise BadCheckpointError(f"{where}: its storage has no element type")
@@ -214,12 +288,13 @@ class PthReader(CheckpointReader):
         stride = _int_tuple(ref.stride)
         if shape is None or stride is None or len(shape) != len(stride):
             raise BadCheckpointError(
-                f"{where}: size {ref.shape!r} and stride {ref.stride!r} are not equally long "
+                f"{where}: size {short_repr(ref.shape)} and stride {short_repr(ref.stride)} are "
+                "not equally long "
                 "tuples of non-negative integers; the file is corrupt"
             )
         if not _is_nonneg_int(ref.offset):
             raise BadCheckpointError(
-                f"{where}: storage offset {ref.offset!r} is not a non-negative integer"
+                f"{where}: storage offset {short_repr(ref.offset)} is not a non-negative integer"
             )
         record = f"{archive}/data/{storage.key}"
         member = members.get(record)
@@ -227,24 +302,11 @@ class PthReader(CheckpointReader):
             raise BadCheckpointError(
                 f"{where}: its storage record '{record}' is missing; the file is incomplete"
             )
-        data_offset, nbytes = member_span(self.path, member, self._fileno(), len(mapped))
+        data_offset, nbytes = member_span(self.path, member, self._fileno(), self._size)
         np_dtype = dtypes.numpy_dtype(dtype)
         if byteorder == "big":
             np_dtype = np_dtype.newbyteorder(">")
-        itemsize = np_dtype.itemsize
-        if math.prod(shape) * itemsize >= 2**62 or any(s >= 2**62 for s in stride):
-            raise BadCheckpointError(
-                f"{where}: size {shape} with stride {stride} is impossibly large; "
-                "the file is corrupt"
-            )
-        if math.prod(shape) > 0:
-            extent = 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
-            needed = (int(ref.offset) + extent) * itemsize
-            if needed > nbytes:
-                raise BadCheckpointError(
-                    f"{where} needs {needed} bytes of storage '{record}', which holds only "
-                    f"{nbytes}; the file is truncated or corrupt"
-                )
+        _check_layout(where, shape, stride, int(ref.offset), np_dtype.itemsize, nbytes, record)
         info = TensorInfo(name=name, dtype=dtype, shape=shape)
         located = _Located(
             data_offset, np_dtype, int(ref.offset), shape, stride, nbytes, member.CRC
@@ -296,21 +358,49 @@ class PthReader(CheckpointReader):
             raise ValueError(f"{self.path}: the reader is closed")
         return self._file.fileno()
 
+    def _verify_record(self, loc: _Located, crc: int | None = None) -> None:
+        """Check a storage record's CRC-32 against the zip directory, once per record.
+
+        ``crc`` is the record's checksum when the caller has just computed it
+        (a tensor that is the whole record, read into memory).
+        """
+        if loc.data_offset in self._verified:
+            return
+        if crc is None:
+            crc = crc32_range(RawBytes(self._fileno(), loc.data_offset, loc.record_size))
+        if crc != loc.record_crc:
+            raise BadCheckpointError(
+                f"{self.path}: a storage record at byte {loc.data_offset} fails its CRC-32 "
+                f"check (stored {loc.record_crc:08x}, computed {crc:08x}); the file is "
+                "corrupt: copy or download it again"
+            )
+        self._verified.add(loc.data_offset)
+
     def raw(self, name: str) -> RawBytes | None:
-        """Where the tensor's bytes lie, for a contiguous little-endian tensor of a zip file."""
+        """Where the tensor's bytes lie, for a contiguous little-endian tensor of a zip file.
+
+        The storage record is checked against its CRC-32 first, so the CRC
+        handed on with whole-record bytes is the one of the bytes copied.
+        """
         loc = self._located.get(name)
         if loc is None or not loc.contiguous or loc.numpy_dtype.str[0] == ">":
             return None
         length = self.tensors[name].nbytes
         if length == 0:
             return None
+        self._verify_record(loc)
         start = loc.offset * loc.numpy_dtype.itemsize
         # The record's CRC is this tensor's when the tensor is the whole record.
         crc = loc.record_crc if start == 0 and length == loc.record_size else None
         return RawBytes(self._fileno(), loc.data_offset + start, length, crc)
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor ``name`` as a new C-contiguous array (bfloat16 as uint16 bits)."""
+        """The tensor ``name`` as a new C-contiguous array (bfloat16 as uint16 bits).
+
+        Raises:
+            BadCheckpointError: the storage record fails its CRC-32 check, or the
+                file was truncated while open.
+        """
         if name not in self.tensors:
             raise KeyError(f"{self.path}: no tensor named '{name}'")
         if name in self._torch_tensors:
@@ -319,41 +409,32 @@ class PthReader(CheckpointReader):
         little = dtypes.numpy_dtype(self.tensors[name].dtype)
         if math.prod(loc.shape) == 0:
             return np.empty(loc.shape, dtype=little)
-        if self._mmap is None:
-            raise ValueError(f"{self.path}: the reader is closed")
         itemsize = loc.numpy_dtype.itemsize
+        start = loc.data_offset + loc.offset * itemsize
         if loc.contiguous:
-            # Straight into a new array: no page of the mmap becomes resident.
             out = np.empty(loc.shape, dtype=loc.numpy_dtype)
-            start = loc.data_offset + loc.offset * itemsize
-            read_exactly(self._fileno(), out.reshape(-1).view(np.uint8).data, start)
+            raw = out.reshape(-1).view(np.uint8).data
+            read_exactly(self._fileno(), raw, start)
+            whole = loc.offset == 0 and out.nbytes == loc.record_size
+            self._verify_record(loc, zlib.crc32(raw) if whole else None)
             return out if loc.numpy_dtype == little else out.astype(little)
+        # Strided: the elements' span (checked to fit the record, and not
+        # overlapping, so at most the record's size) by pread, then a C-order copy.
+        self._verify_record(loc)
         extent = 1 + sum((n - 1) * s for n, s in zip(loc.shape, loc.stride, strict=True))
-        flat = np.frombuffer(
-            self._mmap,
-            dtype=loc.numpy_dtype,
-            count=extent,
-            offset=loc.data_offset + loc.offset * itemsize,
-        )
+        flat = np.empty(extent, dtype=loc.numpy_dtype)
+        read_exactly(self._fileno(), flat.view(np.uint8).data, start)
         view = np.lib.stride_tricks.as_strided(
             flat,
             shape=loc.shape,
             strides=tuple(s * itemsize for s in loc.stride),
             writeable=False,
         )
-        # Always a copy: an array into the mmap would keep the file open past close().
-        out = np.array(view, dtype=little, order="C", copy=True)
-        del flat, view
-        return out
+        return np.array(view, dtype=little, order="C", copy=True)
 
     def close(self) -> None:
-        """Close the file and its mmap (and forget tensors loaded through torch)."""
+        """Close the file (and forget tensors loaded through torch)."""
         self._torch_tensors.clear()
-        if self._mmap is not None:
-            # BufferError: an array still points into it; the GC closes it later.
-            with contextlib.suppress(BufferError):
-                self._mmap.close()
-            self._mmap = None
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -20,10 +20,11 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from acnet_convert import dtypes
 from acnet_convert.errors import ACNetConvertError, BadCheckpointError, UnsafeCheckpointError
@@ -38,6 +39,8 @@ __all__ = [
     "StorageType",
     "TensorRef",
     "allowed_global",
+    "check_key",
+    "short_repr",
     "unpickle",
 ]
 
@@ -173,12 +176,84 @@ def _device(*args: Any) -> str:
     return ":".join(str(a) for a in args)
 
 
-_BUILTINS: dict[str, Any] = {
-    "set": set,
-    "frozenset": frozenset,
+# Dict keys and set elements get hashed, and compared when hashes collide: for a
+# nest of shared tuples both take time exponential in the pickle's size. Keys
+# are therefore flat: scalars, or small tuples of them.
+_KEY_SCALARS = (str, bytes, int, float, complex, type(None))
+_KEY_TUPLE_NODES = 256
+
+
+def check_key(key: Any) -> None:
+    """Refuse a dict key or set element that is not a scalar or a small tuple of scalars."""
+    budget = _KEY_TUPLE_NODES
+    pending = [key]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, _KEY_SCALARS):
+            continue
+        if type(item) is tuple:
+            budget -= len(item) + 1
+            if budget < 0:
+                raise TypeError("a dict key or set element is a tuple nested too large")
+            pending.extend(item)
+            continue
+        raise TypeError(
+            f"a dict key or set element is a {type(item).__name__}; a checkpoint's keys are "
+            "names and numbers"
+        )
+
+
+def _set(items: Any = ()) -> set[Any]:
+    values = list(items)
+    for value in values:
+        check_key(value)
+    return set(values)
+
+
+def _frozenset(items: Any = ()) -> frozenset[Any]:
+    return frozenset(_set(items))
+
+
+def _pairs(arg: Any) -> list[tuple[Any, Any]]:
+    pairs = list(arg.items()) if isinstance(arg, dict) else [tuple(p) for p in arg]
+    for pair in pairs:
+        if len(pair) != 2:
+            raise TypeError("a mapping is built from something other than key, value pairs")
+        check_key(pair[0])
+    return pairs
+
+
+def _ordered_dict(arg: Any = ()) -> collections.OrderedDict[Any, Any]:
+    return collections.OrderedDict(_pairs(arg))
+
+
+def _counter(arg: Any = ()) -> collections.Counter[Any]:
+    if isinstance(arg, dict):
+        return collections.Counter(dict(_pairs(arg)))
+    values = list(arg)
+    for value in values:
+        check_key(value)
+    return collections.Counter(values)
+
+
+def _bytearray(*args: Any) -> bytearray:
+    # As pickled by bytearray.__reduce_ex__: (bytes,) or, in protocol 2, (str, 'latin-1').
+    # Never bytearray(n): a few pickle bytes would allocate n.
+    if not args:
+        return bytearray()
+    if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
+        return bytearray(args[0])
+    if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
+        return bytearray(args[0], "latin-1")
+    raise TypeError("bytearray is allowed only from bytes or (str, 'latin-1'), not from a size")
+
+
+_BUILTINS: dict[str, Callable[..., Any]] = {
+    "set": _set,
+    "frozenset": _frozenset,
     "slice": slice,
     "complex": complex,
-    "bytearray": bytearray,
+    "bytearray": _bytearray,
 }
 _FUNCTIONS: dict[tuple[str, str], Callable[..., Any]] = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
@@ -196,11 +271,13 @@ def allowed_global(module: str, name: str) -> Any:
     Stand-ins are fresh objects on every call, so nothing a pickle does to
     them outlives the load.
     """
-    if module == "collections" and name in ("OrderedDict", "Counter"):
-        # Counter: torch's MultiStepLR keeps its milestones in one.
-        return getattr(collections, name)
+    if module == "collections" and name == "OrderedDict":
+        return _Global(_ordered_dict)
+    if module == "collections" and name == "Counter":
+        # torch's MultiStepLR keeps its milestones in one.
+        return _Global(_counter)
     if module in ("builtins", "__builtin__") and name in _BUILTINS:
-        return _BUILTINS[name]
+        return _Global(_BUILTINS[name])
     fn = _FUNCTIONS.get((module, name))
     if fn is not None:
         return _Global(fn)
@@ -216,11 +293,43 @@ def allowed_global(module: str, name: str) -> Any:
     return None
 
 
+def short_repr(value: Any) -> str:
+    """A bounded repr of untrusted data: a few levels and items, whatever the structure shares."""
+    return _REPR.repr(value)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = 60
+_REPR.maxother = 60
+_REPR.maxlong = 40
+
+
+def _load_checking(opcode: bytes, keys: Callable[[list[Any]], list[Any]]) -> Any:
+    """A dispatch entry that checks the keys an opcode is about to hash, then runs it."""
+    original = pickle._Unpickler.dispatch[opcode[0]]
+
+    def load(self: Any) -> None:
+        for key in keys(self.stack):
+            check_key(key)
+        original(self)
+
+    return load
+
+
 # The pure-Python unpickler: the C one grows its memo to the largest index a
 # PUT opcode names, so a few crafted bytes ('r' + 4-byte index) make it
 # allocate gigabytes; this one keeps the memo in a dict.
 class RestrictedUnpickler(pickle._Unpickler):
     """Unpickles tensors (as :class:`TensorRef`) and plain data; refuses every other global."""
+
+    dispatch: ClassVar[dict[int, Callable[..., Any]]] = {
+        **pickle._Unpickler.dispatch,
+        pickle.SETITEM[0]: _load_checking(pickle.SETITEM, lambda stack: stack[-2:-1]),
+        pickle.SETITEMS[0]: _load_checking(pickle.SETITEMS, lambda stack: stack[0::2]),
+        pickle.ADDITEMS[0]: _load_checking(pickle.ADDITEMS, lambda stack: stack),
+        pickle.FROZENSET[0]: _load_checking(pickle.FROZENSET, lambda stack: stack),
+    }
 
     def __init__(self, data: bytes, path: Path) -> None:
         super().__init__(io.BytesIO(data), encoding="utf-8")
@@ -247,7 +356,7 @@ class RestrictedUnpickler(pickle._Unpickler):
         ):
             return StorageRef(str(pid[2]), pid[1].dtype)
         raise BadCheckpointError(
-            f"{self._path}: the pickle refers to {str(pid)[:80]!r}, which is not a tensor "
+            f"{self._path}: the pickle refers to {short_repr(pid)}, which is not a tensor "
             "storage; the file was not written by torch.save"
         )
 
