@@ -51,6 +51,10 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'acnet_convert' has no attribute {name!r}")
+    if module != "acnet_convert.convert":
+        from acnet_convert.extras import require_torch
+
+        require_torch(f"acnet_convert.{name}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

@@ -142,20 +142,62 @@ def _few(keys: Sequence[str]) -> str:
     return shown + (f", ... ({len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
 
 
-def _mismatch(source: str, model: nn.Module, fits: Sequence[_Fit]) -> UsageError:
-    best = min(fits, key=lambda f: f.distance)
+def _common_prefix(keys: Sequence[str]) -> str:
+    """The dotted prefix every key shares (``'backbone.'``), or ''."""
+    if not keys:
+        return ""
+    first, *rest = keys
+    parts = first.split(".")[:-1]
+    prefix = ""
+    for part in parts:
+        candidate = f"{prefix}{part}."
+        if not all(k.startswith(candidate) for k in rest):
+            break
+        prefix = candidate
+    return prefix
+
+
+def _prefix_hint(fits: Sequence[_Fit], model_keys: set[str]) -> tuple[_Fit, str] | None:
+    """A rename that makes one layout fit exactly: a prefix the model has and the file lacks."""
+    prefix = _common_prefix(sorted(model_keys))
+    if not prefix:
+        return None
+    bare = {k[len(prefix) :] for k in model_keys}
+    for fit in fits:
+        if fit.plan is not None and _compare(fit.layout, fit.plan, bare).exact:
+            return fit, (
+                f"the model's keys all start with '{prefix}' and the checkpoint's do not: "
+                f"pass renames=[('^', '{prefix}')], or load into "
+                f"model.get_submodule('{prefix.rstrip('.')}')"
+            )
+    return None
+
+
+def _mismatch(
+    source: str, model: nn.Module, fits: Sequence[_Fit], model_keys: set[str], strict: bool
+) -> UsageError:
+    hint = _prefix_hint(fits, model_keys)
+    best = hint[0] if hint else min(fits, key=lambda f: f.distance)
     parts = [
         f"{source}: the fused checkpoint does not fit {type(model).__name__}'s state dict in any "
         f"layout ({', '.join(LAYOUTS)}); closest is '{best.layout}'"
     ]
+    if hint:
+        return UsageError("; ".join(parts) + f". {hint[1]}")
     if best.missing:
         parts.append(f"{len(best.missing)} model keys it cannot fill: {_few(best.missing)}")
     if best.unexpected:
         parts.append(f"{len(best.unexpected)} fused keys with no place: {_few(best.unexpected)}")
     parts += [f"layout '{f.layout}' is impossible: {f.refused}" for f in fits if f.refused]
+    overlap = best.plan is not None and any(t.name in model_keys for t in best.plan.outputs)
     return UsageError(
-        "; ".join(parts) + ". Build the model in the form that matches (train/deploy/baseline), "
-        "pass renames=[(regex, replacement)], or use strict=False"
+        "; ".join(parts)
+        + ". Build the model in the form that matches (train/deploy/baseline)"
+        + (
+            ", pass renames=[(regex, replacement)], or use strict=False to load what fits"
+            if strict and overlap
+            else " or pass renames=[(regex, replacement)] so the keys match"
+        )
     )
 
 
@@ -226,9 +268,17 @@ def fuse_and_load(
     Returns:
         A :class:`LoadReport`.
 
+    A model wrapped in ``DataParallel``/``DistributedDataParallel`` (every key
+    starting with ``module.``) is matched without that prefix and loaded with it.
+    When the model's keys share another prefix the checkpoint lacks (a
+    ``backbone.``), the error names the rename that makes them fit:
+    ``renames=[('^', 'backbone.')]``.
+
     Raises:
         UsageError: the fused keys or shapes do not fit the model (the message
-            names missing and unexpected keys, a few of each, with counts).
+            names missing and unexpected keys, a few of each, with counts, or
+            the prefix rename that would fit). ``strict=False`` is suggested
+            only where some keys fit; it loads those and reports the rest.
         BadCheckpointError, UnfusableBlockError: unusable checkpoint.
         VerificationError: a fused block does not reproduce its branches.
 
@@ -238,6 +288,9 @@ def fuse_and_load(
     """
     source = Path(ckpt)
     model_state = model.state_dict()
+    # DataParallel/DDP wrap the model: its keys gain 'module.', the checkpoint's need not.
+    wrapped = "module." if model_state and all(k.startswith("module.") for k in model_state) else ""
+    model_state = {k[len(wrapped) :]: v for k, v in model_state.items()}
     model_keys = set(model_state)
     options = FuseOptions(
         eps=eps, check=check, dialect=dialect, renames=tuple(renames), trust_pickle=trust_pickle
@@ -248,11 +301,11 @@ def fuse_and_load(
         if exact:
             chosen = exact[0]
         elif strict:
-            raise _mismatch(str(source), model, fits)
+            raise _mismatch(str(source), model, fits, model_keys, strict)
         else:
             chosen = min(fits, key=lambda f: f.distance)
             if chosen.plan is None or all(t.name not in model_keys for t in chosen.plan.outputs):
-                raise _mismatch(str(source), model, fits)
+                raise _mismatch(str(source), model, fits, model_keys, strict)
         if chosen.plan is None:  # pragma: no cover - every chosen fit has a plan
             raise UsageError(f"{source}: layout '{chosen.layout}' has no plan")
         _check_shapes(str(source), chosen.plan, model_state)
@@ -265,10 +318,10 @@ def fuse_and_load(
         )  # fmt: skip
     arrays = {k: v for k, v in state.tensors.items() if k in model_keys}
     if state.plan.outputs and chosen.layout == "baseline":
-        _identity_vars(state.plan, model, arrays)
+        _identity_vars(state.plan, model.get_submodule("module") if wrapped else model, arrays)
     dtype_of = {t.name: t.dtype for t in state.plan.outputs}
     tensors = {
-        key: tensor_from_stored(value, dtype_of[key]).to(dtype=model_state[key].dtype)
+        wrapped + key: tensor_from_stored(value, dtype_of[key]).to(dtype=model_state[key].dtype)
         for key, value in arrays.items()
     }
     model.load_state_dict(tensors, strict=strict)

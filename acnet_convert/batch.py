@@ -159,17 +159,32 @@ def fuse_many(
             f"two inputs would both be written as '{dup}' in {out_dir}; fuse them into separate folders"
         )
     results: dict[int, BatchItem] = {}
+    outputs = [out_dir / (p.stem + _SUFFIX[to_format] if to_format else p.name) for p in sources]
+    before = [_identity(o) for o in outputs]
     try:
         for index, item in _run(sources, out_dir, to_format, options, force, jobs):
             results[index] = item
             if on_done:
                 on_done(item)
     except KeyboardInterrupt as err:
+        # Outputs appear by an atomic rename, so a new file is complete even when its
+        # worker was stopped before it could report back.
+        for i, (src, out) in enumerate(zip(sources, outputs, strict=True)):
+            if i not in results and _identity(out) not in (None, before[i]):
+                results[i] = BatchItem(str(src), str(out), EXIT_OK, None, None)
         completed = [results[i] for i in sorted(results) if results[i].exit_code == EXIT_OK]
         rest = [src for i, src in enumerate(sources) if i not in results]
         _remove_partials(out_dir, [out_dir / (p.stem if to_format else p.name) for p in rest])
         raise BatchInterrupted(completed, rest) from err
     return [results[i] for i in range(len(sources))]
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns, info.st_size
 
 
 def _remove_partials(out_dir: Path, outputs: Sequence[Path]) -> None:

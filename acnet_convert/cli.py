@@ -16,7 +16,13 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from acnet_convert import __version__
-from acnet_convert.errors import EXIT_UNUSABLE, EXIT_USAGE, ACNetConvertError, UsageError
+from acnet_convert.errors import (
+    EXIT_UNUSABLE,
+    EXIT_USAGE,
+    ACNetConvertError,
+    UnfusableBlockError,
+    UsageError,
+)
 
 __all__ = ["cli", "main"]
 
@@ -147,13 +153,38 @@ def _fuse_options(
     )
 
 
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:,.1f} MB, {nbytes:,} bytes" if nbytes >= 100_000 else f"{nbytes:,} bytes"
+
+
 def _summary(report: Any) -> str:
     check = "checked" if report.checked else "not checked (--no-check)"
     return (
-        f"fused {len(report.blocks)} blocks ({report.dialect}, {check}): "
+        f"fused {_plural(len(report.blocks), 'block')} ({report.dialect}, {check}): "
         f"{report.params_before:,} -> {report.params_after:,} parameters, "
-        f"wrote {report.output} ({report.format_out}, {report.bytes_written:,} bytes) in {report.seconds:.2f} s"
+        f"wrote {report.output} ({report.format_out}, {_size(report.bytes_written)}) in {report.seconds:.2f} s"
     )
+
+
+def _details(report: Any) -> list[str]:
+    """What -v adds: the dialect, and each block's geometry and check figures."""
+    lines = [
+        f"dialect '{report.dialect}' matched {_plural(len(report.blocks), 'block')} by its "
+        f"key patterns; eps {report.eps:g}, layout {report.layout}"
+    ]
+    for b in report.blocks:
+        figures = (
+            f", max abs {b.max_abs:.3g}, max rel {b.max_rel:.3g}" if b.max_abs is not None else ""
+        )
+        lines.append(
+            f"block {b.label}: {b.kernel}x{b.kernel} + 1x{b.hor[1]} + {b.ver[0]}x1"
+            f"{' + last_bn' if b.last_bn else ''}, {b.dtype}{figures} -> {', '.join(b.outputs)}"
+        )
+    return lines
 
 
 @cli.command(epilog=_EXIT_HELP)
@@ -203,6 +234,9 @@ def _summary(report: Any) -> str:
     help="Worker processes with --out-dir.",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress or summary on stderr.")
+@click.option(
+    "--verbose", "-v", is_flag=True, help="Also the dialect and each block's figures on stderr."
+)
 @_trust_option
 @_json_option
 def fuse(
@@ -219,6 +253,7 @@ def fuse(
     out_dir: Path | None,
     jobs: int,
     quiet: bool,
+    verbose: bool,
     trust_pickle: bool,
     as_json: bool,
 ) -> None:
@@ -249,6 +284,7 @@ def fuse(
             dry_run,
             quiet,
             as_json,
+            verbose,
         )
     except BaseException:
         remove_created(created)
@@ -264,6 +300,7 @@ def _fuse_one_file(
     dry_run: bool,
     quiet: bool,
     as_json: bool,
+    verbose: bool = False,
 ) -> None:
     if dry_run:
         _dry_run(source, output, fmt, options, as_json)
@@ -286,8 +323,11 @@ def _fuse_one_file(
             report = fuse_checkpoint(source, output, fmt, options, force=force, progress=progress)
     if not quiet:
         for note in report.notes:
-            err.print(f"note: {note}")
-        err.print(_summary(report))
+            err.print(f"note: {_escape(note)}")
+        if verbose:
+            for line in _details(report):
+                err.print(_escape(line))
+        err.print(_escape(_summary(report)))
     if as_json:
         _emit_json(report.as_json())
 
@@ -622,6 +662,9 @@ def verify(
         return
     if len(paths) != 2:
         raise UsageError("verify takes TRAIN FUSED (or --list-archs)")
+    from acnet_convert.extras import require_torch
+
+    require_torch("verify")
     from acnet_convert.verify import (
         VerifyOptions,
         junit_error_xml,
@@ -655,11 +698,15 @@ def verify(
             atol=atol,
             trust_pickle=trust_pickle,
         )
-        if quiet or not err.is_terminal:
-            result = verify_checkpoints(train, fused, options)
-        else:
-            with err.status(f"verifying {fused.name} against {train.name}..."):
+        try:
+            if quiet or not err.is_terminal:
                 result = verify_checkpoints(train, fused, options)
+            else:
+                with err.status(f"verifying {fused.name} against {train.name}..."):
+                    result = verify_checkpoints(train, fused, options)
+        except UnfusableBlockError as error:
+            _raise_if_swapped(train, fused, trust_pickle, error)
+            raise
     except ACNetConvertError as error:
         if junit is not None:
             _write_text(junit, junit_error_xml(str(train), str(fused), str(error)))
@@ -682,6 +729,22 @@ def verify(
             f"({len(checks)} check(s){figure}; rtol {result.rtol:g}, atol {result.atol:g})"
         )
     raise_for_result(result)
+
+
+def _raise_if_swapped(train: Path, fused: Path, trust_pickle: bool, error: Exception) -> None:
+    """TRAIN has no block but FUSED has: the arguments were given the wrong way round."""
+    from acnet_convert.checkpoint import open_checkpoint
+    from acnet_convert.plan import FuseOptions, plan_fusion
+
+    try:
+        with open_checkpoint(fused, trust_pickle=trust_pickle) as reader:
+            plan_fusion(reader, FuseOptions(trust_pickle=trust_pickle))
+    except ACNetConvertError:
+        return
+    raise UsageError(
+        f"the arguments look swapped: {train} (TRAIN) holds no training-time block but "
+        f"{fused} (FUSED) does; run 'acnet-convert verify {fused} {train}'"
+    ) from error
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -768,6 +831,25 @@ def _render_archs(as_json: bool) -> None:
 def archs(as_json: bool) -> None:
     """List the built-in architectures 'verify --arch' can rebuild."""
     _render_archs(as_json)
+
+
+@cli.command(epilog=_EXIT_HELP)
+@click.option(
+    "--example", is_flag=True, help="Print a commented example --patterns file to start from."
+)
+def patterns(example: bool) -> None:
+    """User-defined naming dialects for --patterns FILE (TOML): print an example.
+
+    \b
+    acnet-convert patterns --example > my_port.toml
+    acnet-convert inspect CKPT --patterns my_port.toml
+    """
+    from importlib.resources import files
+
+    text = files("acnet_convert").joinpath("data/patterns_example.toml").read_text("utf-8")
+    if not example:
+        raise UsageError("patterns: pass --example to print an example --patterns file")
+    click.echo(text, nl=False)
 
 
 def _fail(console: Any, message: str, code: int) -> NoReturn:

@@ -38,6 +38,7 @@ from acnet_convert.blockcheck import BlockCheck, check_block
 from acnet_convert.blocks import load_block, to_layout
 from acnet_convert.checkpoint import (
     CheckpointReader,
+    Container,
     RawBytes,
     TensorInfo,
     open_checkpoint,
@@ -604,6 +605,22 @@ def fuse_state(
 _TRAINING_TIME_METADATA = ("model_config", "training_config")
 
 
+def _dropped_entries(container: Container, fmt: str) -> list[tuple[str, str]]:
+    """Container entries the output does not keep, each with the reason."""
+    import re
+
+    out: list[tuple[str, str]] = []
+    for key in container.dropped:
+        if re.search(r"optim|sched|scaler|ema|swa", key, re.IGNORECASE):
+            why = "training-time state (optimizer, scheduler, ...), meaningless after fusing"
+        else:
+            why = "it holds more than plain data (an object such as an argparse.Namespace)"
+        out.append((key, why))
+    if fmt != "pth":
+        out += [(key, f"a {fmt} file holds tensors only") for key in container.extras]
+    return out
+
+
 def fuse_checkpoint(
     source: Path,
     output: Path,
@@ -688,14 +705,8 @@ def fuse_checkpoint(
                 keras_attrs=_keras_attrs(reader, plan) if fmt == "hdf5" else None,
             )
             _confirm_written(tmp, output, plan.outputs, feed.expected)
-        notes = (
-            tuple(
-                f"dropped '{k}' from the container: it refers to training-time parameters"
-                for k in reader.container.dropped
-            )
-            if fmt == "pth"
-            else ()
-        )
+        dropped_entries = _dropped_entries(reader.container, fmt)
+        notes = tuple(f"dropped '{k}' from the container: {why}" for k, why in dropped_entries)
         notes += tuple(
             f"dropped the '{k}' attribute: it describes the training-time network; "
             "the output holds weights only (load them with load_weights)"
@@ -715,7 +726,7 @@ def fuse_checkpoint(
             params_before=plan.params_before,
             params_after=plan.params_after,
             bytes_written=output.stat().st_size,
-            dropped=reader.container.dropped if fmt == "pth" else (),
+            dropped=tuple(k for k, _ in dropped_entries),
             checked=options.check,
             seconds=time.perf_counter() - started,
             source_sha256=digest,

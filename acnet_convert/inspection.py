@@ -13,6 +13,8 @@ from acnet_convert.plan import FuseOptions, FusionPlan, plan_fusion
 
 __all__ = ["Inspection", "inspect_checkpoint", "render_inspection"]
 
+_INSPECT_HINT = re.compile(r"\.? ?Try 'acnet-convert inspect'[^.;]*")
+
 
 @dataclass(frozen=True)
 class Inspection:
@@ -95,7 +97,8 @@ def inspect_checkpoint(
             plan = plan_fusion(reader, options)
         except UnfusableBlockError as err:
             if "no ACNet block found" not in str(err):
-                problem = err
+                # This is inspect: never send the user back to the command they just ran.
+                problem = UnfusableBlockError(_INSPECT_HINT.sub("", str(err)))
         return Inspection(
             path=str(path),
             format=reader.format,

@@ -19,8 +19,10 @@ module only moves tensors in and out of it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -254,6 +256,7 @@ class DeployReport:
 
     count: int
     names: tuple[str, ...]
+    model: Any = field(default=None, repr=False, compare=False)  # the converted model
 
 
 def find_acblocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -409,8 +412,14 @@ def _deploy_block_like(module: nn.Module, name: str) -> ACBlock:
     return block
 
 
-def switch_to_deploy(model: nn.Module) -> DeployReport:
-    """Fuse every training-form block of ``model`` in place.
+def switch_to_deploy(model: nn.Module, *, inplace: bool = True) -> DeployReport:
+    """Fuse every training-form block of ``model`` (in place, or in a deep copy).
+
+    The fused conv computes what the block computes in eval mode (BN with its
+    running statistics); a model in train mode gets a warning, since its
+    output changes: call ``model.eval()`` first. With ``inplace=False`` the
+    model is left as it is and a converted deep copy is returned as
+    ``report.model`` (as timm's ``reparameterize_model`` does).
 
     This package's :class:`ACBlock` switches itself; any other module found by
     :func:`find_acblocks` (upstream's ACBlock, for instance) is replaced in its
@@ -429,6 +438,16 @@ def switch_to_deploy(model: nn.Module) -> DeployReport:
     >>> switch_to_deploy(net)
     DeployReport(count=1, names=('0',))
     """
+    if model.training and find_acblocks(model):
+        warnings.warn(
+            f"switch_to_deploy: the {type(model).__name__} is in train mode; the fused convs "
+            "compute eval-mode BatchNorm (running statistics), so its output changes. Call "
+            "model.eval() first (or switch_to_deploy(model, inplace=False) to keep this one)",
+            UserWarning,
+            stacklevel=2,
+        )
+    if not inplace:
+        model = copy.deepcopy(model)
     names: list[str] = []
     for name, module in find_acblocks(model):
         if isinstance(module, ACBlock):
@@ -443,4 +462,4 @@ def switch_to_deploy(model: nn.Module) -> DeployReport:
             parent = model.get_submodule(parent_name)
             parent.register_module(child, _deploy_block_like(module, name))
         names.append(name)
-    return DeployReport(count=len(names), names=tuple(names))
+    return DeployReport(count=len(names), names=tuple(names), model=model)

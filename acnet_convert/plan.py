@@ -127,6 +127,13 @@ def _output_info(key: str, role: str, geometry: BlockGeometry, layout: str) -> T
     return TensorInfo(key, geometry.dtype, (o,))
 
 
+def _already_fused(spec: BlockSpec, infos: Mapping[str, TensorInfo]) -> bool:
+    branch_keys = spec.branches[0].keys() + spec.branches[1].keys()
+    square_bn = spec.square.bn.keys() if spec.square.bn is not None else ()
+    present = [k for k in (*branch_keys, *square_bn) if k in infos]
+    return spec.square.weight in infos and not present
+
+
 def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
     """Find and check every block and lay out the output, from the index alone.
 
@@ -143,7 +150,10 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
         )
     except UnfusableBlockError as err:
         raise UnfusableBlockError(f"{source}: {err}") from err
-    if detection.dialect is None or not detection.blocks:
+    # A "block" with its square conv and nothing else (no 1-D branch, no BN) is
+    # one already fused under the dialect's names (paddle's deploy keys): plain.
+    blocks = [spec for spec in detection.blocks if not _already_fused(spec, infos)]
+    if detection.dialect is None or not blocks:
         raise UnfusableBlockError(
             f"{source}: no ACNet block found among {len(infos)} tensors (no key like "
             "'<prefix>.square_conv.weight'); it may be fused already. "
@@ -163,7 +173,7 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
     for dropped_alias in detection.aliases:
         if not dropped_alias.copy:
             owner.update(dict.fromkeys(dropped_alias.block.keys(), _DROPPED))
-    for spec in detection.blocks:
+    for spec in blocks:
         geometry = block_geometry(spec, infos, source, dialect.kernel_layout)
         for key in spec.keys():  # noqa: SIM118 - BlockSpec.keys(), not a dict
             if key in owner:

@@ -55,9 +55,10 @@ def test_output_equal_to_input_is_refused(tmp_path: Path, run_cli) -> None:
     assert "overwrite the input" in result.stderr
 
 
-def test_missing_output_folder_is_a_usage_error(tmp_path: Path, run_cli) -> None:
-    result = run_cli("fuse", FIXTURES / "cifar_quick.pth", tmp_path / "nope" / "o.pth", expect=2)
-    assert "does not exist" in result.stderr
+def test_missing_output_folder_is_created(tmp_path: Path, run_cli) -> None:
+    # Was a usage error; now created, as --out-dir always did (see test_faults_round2).
+    run_cli("fuse", FIXTURES / "cifar_quick.pth", tmp_path / "nope" / "o.pth")
+    assert (tmp_path / "nope" / "o.pth").is_file()
 
 
 def test_fused_checkpoint_has_no_blocks(tmp_path: Path, run_cli) -> None:

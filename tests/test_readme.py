@@ -75,3 +75,37 @@ def test_dialect_example_commands_work(tmp_path: Path) -> None:
     (toml,) = section_blocks("## Checkpoint dialects", "toml")
     example = (ROOT / "examples" / "patterns.toml").read_text(encoding="utf-8")
     assert all(line in example for line in toml.splitlines() if line.strip())
+
+
+def test_ci_recipe_runs_as_written(tmp_path: Path) -> None:
+    """The GitHub Actions job's acnet-convert steps, on a fresh checkout (no deploy/ folder)."""
+    (yaml,) = [b for b in section_blocks("## Verify, for people and CI", "yaml") if "run:" in b]
+    steps = [
+        line.split("- run:", 1)[1].strip()
+        for line in yaml.splitlines()
+        if line.strip().startswith("- run:") and "acnet-convert " in line.split("- run:", 1)[1]
+    ]
+    commands = [s for s in steps if s.startswith("acnet-convert ")]
+    assert len(commands) >= 2, steps
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "acnet-convert"
+    shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m acnet_convert "$@"\n')
+    shim.chmod(0o755)
+    work = tmp_path / "checkout"
+    (work / "checkpoints").mkdir(parents=True)
+    (work / "checkpoints" / "train.pth").write_bytes(
+        (ROOT / "fixtures" / "resnet_like.pth").read_bytes()
+    )
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    for command in commands:
+        done = subprocess.run(
+            ["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+    reports = [w for c in commands for w in shlex.split(c) if w.endswith(".json")]
+    for name in reports:
+        import json
+
+        assert json.loads((work / name).read_text())["output"] == "deploy/model.safetensors"
+    assert any((work / w).is_file() for c in commands for w in shlex.split(c) if w.endswith(".xml"))

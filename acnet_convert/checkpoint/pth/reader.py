@@ -317,6 +317,9 @@ class PthReader(CheckpointReader):
 
     def _open_with_torch(self, *, weights_only: bool) -> None:
         path = self.path
+        from acnet_convert.extras import require_torch
+
+        require_torch(f"{path}: reading a legacy (pre-1.6) or --trust-pickle .pth")
         import torch  # only here: importing torch costs seconds
 
         try:
