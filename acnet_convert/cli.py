@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -52,8 +53,12 @@ def _stdout() -> Any:
     return console
 
 
+_json_printed: list[bool] = []  # whether a command already printed its JSON document
+
+
 def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, allow_nan=True))
+    _json_printed.append(True)
 
 
 def _json_option(fn: F) -> F:
@@ -865,14 +870,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     as_json = "--json" in args[: args.index("--")] if "--" in args else "--json" in args
     command = next((a for a in args if not a.startswith("-")), None)
 
+    _json_printed.clear()
+
     def fail(message: str, code: int, *, escaped: bool = False) -> NoReturn:
-        if as_json:
+        if as_json and not _json_printed:  # a report already printed (verify's exit 1) stays
             _emit_json(
                 {"schema": 1, "ok": False, "command": command, "exit_code": code, "error": message}
             )
         _fail(_stderr(), message if escaped else _escape(message), code)
 
     _ignore_file_size_signal()
+    # A numpy warning is never the user's message: bad values are reported as results.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"numpy(\.|$)")
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"acnet_convert(\.|$)")
     try:
         # SIGTERM (kill, a CI timeout) must clean up a half-written output like Ctrl-C does.
         with terminate_as_interrupt():
@@ -884,7 +894,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         fail("interrupted; nothing was written", 130)
     except click.ClickException as err:
-        if as_json:
+        if as_json and not _json_printed:
             _emit_json(
                 {
                     "schema": 1,

@@ -128,10 +128,12 @@ def _output_info(key: str, role: str, geometry: BlockGeometry, layout: str) -> T
 
 
 def _already_fused(spec: BlockSpec, infos: Mapping[str, TensorInfo]) -> bool:
+    """Only the dialect's own deploy keys (weight and bias) are present: a fused conv."""
+    if spec.square.weight != spec.fused_weight or spec.fused_bias not in infos:
+        return False
     branch_keys = spec.branches[0].keys() + spec.branches[1].keys()
     square_bn = spec.square.bn.keys() if spec.square.bn is not None else ()
-    present = [k for k in (*branch_keys, *square_bn) if k in infos]
-    return spec.square.weight in infos and not present
+    return not any(k in infos for k in (*branch_keys, *square_bn))
 
 
 def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
@@ -150,8 +152,8 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
         )
     except UnfusableBlockError as err:
         raise UnfusableBlockError(f"{source}: {err}") from err
-    # A "block" with its square conv and nothing else (no 1-D branch, no BN) is
-    # one already fused under the dialect's names (paddle's deploy keys): plain.
+    # A "block" holding only the dialect's deploy keys (paddle writes the fused conv
+    # as '<n>_acsquare_weights' + '_acsquare_bias') is one already fused: plain.
     blocks = [spec for spec in detection.blocks if not _already_fused(spec, infos)]
     if detection.dialect is None or not blocks:
         raise UnfusableBlockError(

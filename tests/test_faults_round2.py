@@ -319,3 +319,38 @@ def test_permission_error_while_writing_is_one_line_exit_2(
         folder=out_dir,
         code=2,
     )
+
+
+def test_infinite_fused_bias_in_verify_warns_nothing(tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    train = REPO / "fixtures" / "resnet_like.pth"
+    fused = tmp_path / "fused.safetensors"
+    run = [sys.executable, "-m", "acnet_convert"]
+    subprocess.run([*run, "fuse", train, fused, "-q"], env=_env(), check=True)
+    tensors = load_file(str(fused))
+    key = next(k for k in tensors if k.endswith("fused_conv.bias"))
+    tensors[key] = tensors[key].copy()
+    tensors[key][0] = np.inf
+    save_file(tensors, str(fused))
+    done = subprocess.run(
+        [*run, "verify", train, fused], env=_env(), capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Warning" not in done.stderr, done.stderr
+
+
+def test_verify_mismatch_with_json_prints_one_document(run_cli: CliRun, tmp_path: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    train = REPO / "fixtures" / "resnet_like.pth"
+    fused = tmp_path / "fused.safetensors"
+    run_cli("fuse", train, fused)
+    tensors = load_file(str(fused))
+    key = next(k for k in tensors if k.endswith("fused_conv.weight"))
+    tensors[key] = tensors[key] * 1.01
+    save_file(tensors, str(fused))
+    result = run_cli("verify", train, fused, "--json", expect=1)
+    doc = json.loads(result.stdout)  # exactly one document: the report
+    assert "passed" in doc or "checks" in doc or doc

@@ -137,6 +137,44 @@ def _pickle_edit(data: bytes, at: int, patch: bytes) -> bytes:
     return out.getvalue()
 
 
+# Pickle fragments that attack the reader's bounds (round 2 of the hostile-input
+# work): bytearray(n), a shared-reference nest, a tuple-hash nest used as a key,
+# a persistent id that is a nest, a stride-0 view description.
+def _nest(levels: int, build: bytes) -> bytes:
+    out = b"]r" + (900_000).to_bytes(4, "little")
+    for i in range(1, levels + 1):
+        prev = b"j" + (900_000 + i - 1).to_bytes(4, "little")
+        out += b"0" + build.replace(b"P", prev) + b"r" + (900_000 + i).to_bytes(4, "little")
+    return out
+
+
+HOSTILE_SNIPPETS = (
+    b"c__builtin__\nbytearray\n(J\xff\xff\xff\x7ftR",
+    _nest(24, b"](" + b"P" * 8 + b"e"),
+    _nest(60, b"PP\x86") + b"}j" + (900_060).to_bytes(4, "little") + b"K\x01s",
+    _nest(40, b"](" + b"P" * 8 + b"e") + b"Q",
+    b"(K\x00J\x00\x00\x00\x10\x85K\x00\x85t",  # offset 0, size (2**28,), stride (0,)
+)
+
+
+def _deflate_pickle(data: bytes, padding: int) -> bytes:
+    """Re-zip with data.pkl deflated and ``padding`` zero bytes after its STOP opcode."""
+    try:
+        src = zipfile.ZipFile(io.BytesIO(data))
+        members = [(i.filename, src.read(i.filename)) for i in src.infolist()]
+    except Exception:  # an earlier mutation broke the archive already
+        return data
+    out = io.BytesIO()
+    with warnings.catch_warnings(), zipfile.ZipFile(out, "w") as dst:
+        warnings.simplefilter("ignore")
+        for name, member in members:
+            if name.endswith("/data.pkl"):
+                dst.writestr(name, member + b"\0" * padding, compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                dst.writestr(name, member, compress_type=zipfile.ZIP_STORED)
+    return out.getvalue()
+
+
 def mutate(data: bytes, fmt: str, mutations: Sequence[Mutation]) -> bytes:
     """Apply ``mutations`` in order; positions wrap around the current length."""
     for m in mutations:
@@ -155,6 +193,10 @@ def mutate(data: bytes, fmt: str, mutations: Sequence[Mutation]) -> bytes:
             data = _safetensors_header_edit(data, m[1], m[2], m[3])
         elif kind == "pickle" and fmt == "pth":
             data = _pickle_edit(data, m[1], m[2])
+        elif kind == "hostile" and fmt == "pth":
+            data = _pickle_edit(data, m[1], HOSTILE_SNIPPETS[m[2] % len(HOSTILE_SNIPPETS)])
+        elif kind == "deflate" and fmt == "pth":
+            data = _deflate_pickle(data, m[1])
     return data
 
 
@@ -166,7 +208,7 @@ def random_mutations(rng: random.Random, fmt: str, size: int) -> list[Mutation]:
         if fmt == "safetensors":
             kinds += ["header", "header"]
         if fmt == "pth":
-            kinds += ["pickle", "pickle"]
+            kinds += ["pickle", "pickle", "hostile", "deflate"]
         kind = rng.choice(kinds)
         # Half the positions fall in the first KiB, where headers and indexes live.
         at = rng.randrange(min(size, 1024)) if rng.random() < 0.5 else rng.randrange(size)
@@ -176,6 +218,10 @@ def random_mutations(rng: random.Random, fmt: str, size: int) -> list[Mutation]:
             out.append((kind, at, rng.randrange(8)))
         elif kind in ("overwrite", "pickle"):
             out.append((kind, at, rng.randbytes(rng.randint(1, 16))))
+        elif kind == "hostile":
+            out.append((kind, at, rng.randrange(len(HOSTILE_SNIPPETS))))
+        elif kind == "deflate":
+            out.append((kind, rng.choice((0, 2**20, 64 * 2**20))))
         else:
             field = rng.choice(sorted(HEADER_VALUES))
             out.append((kind, rng.randrange(64), field, rng.choice(HEADER_VALUES[field])))

@@ -176,6 +176,9 @@ def test_packaging_metadata() -> None:
     assert any(d.startswith("torch") for d in meta["optional-dependencies"]["torch"])
     assert "acnet-convert[torch]" in meta["optional-dependencies"]["test"]
     assert any(d.startswith("tomli") and "3.11" in d for d in meta["dependencies"])
+    manifest = (ROOT / "MANIFEST.in").read_text(encoding="utf-8")
+    for shipped in ("recursive-include tests", "recursive-include fixtures", "include LICENSE"):
+        assert shipped in manifest  # the sdist runs its own tests
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert ci.index('"torch==2.13.0"') < ci.index('-e ".[test]"')
 

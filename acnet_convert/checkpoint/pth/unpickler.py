@@ -317,6 +317,36 @@ def _load_checking(opcode: bytes, keys: Callable[[list[Any]], list[Any]]) -> Any
     return load
 
 
+# Opcodes that create a container (or call a constructor): each costs 50 to 250
+# bytes of memory for as little as one byte of pickle. torch's own pickles
+# spend about 15 bytes per container (Adam state); a budget of one per 8 bytes (plus
+# slack for small files) bounds memory to a small multiple of the file.
+_BUILDING = (
+    pickle.EMPTY_DICT, pickle.EMPTY_LIST, pickle.EMPTY_SET, pickle.DICT, pickle.LIST,
+    pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3, pickle.FROZENSET,
+    pickle.REDUCE, pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.OBJ, pickle.INST, pickle.BUILD,
+)  # fmt: skip
+_BYTES_PER_CONTAINER = 8
+_CONTAINER_SLACK = 100_000
+
+
+def _load_counting(opcode: bytes) -> Any:
+    """A dispatch entry that charges the unpickler's container budget, then runs the opcode."""
+    original = pickle._Unpickler.dispatch[opcode[0]]
+
+    def load(self: Any) -> None:
+        self._budget -= 1
+        if self._budget < 0:
+            raise BadCheckpointError(
+                f"{self._path}: the pickle builds more objects than a checkpoint of its size "
+                f"holds (more than one per {_BYTES_PER_CONTAINER} bytes); the file is crafted "
+                "or not a checkpoint"
+            )
+        original(self)
+
+    return load
+
+
 # The pure-Python unpickler: the C one grows its memo to the largest index a
 # PUT opcode names, so a few crafted bytes ('r' + 4-byte index) make it
 # allocate gigabytes; this one keeps the memo in a dict.
@@ -325,6 +355,7 @@ class RestrictedUnpickler(pickle._Unpickler):
 
     dispatch: ClassVar[dict[int, Callable[..., Any]]] = {
         **pickle._Unpickler.dispatch,
+        **{op[0]: _load_counting(op) for op in _BUILDING},
         pickle.SETITEM[0]: _load_checking(pickle.SETITEM, lambda stack: stack[-2:-1]),
         pickle.SETITEMS[0]: _load_checking(pickle.SETITEMS, lambda stack: stack[0::2]),
         pickle.ADDITEMS[0]: _load_checking(pickle.ADDITEMS, lambda stack: stack),
@@ -334,6 +365,7 @@ class RestrictedUnpickler(pickle._Unpickler):
     def __init__(self, data: bytes, path: Path) -> None:
         super().__init__(io.BytesIO(data), encoding="utf-8")
         self._path = path
+        self._budget = len(data) // _BYTES_PER_CONTAINER + _CONTAINER_SLACK
 
     def find_class(self, module: str, name: str, /) -> Any:
         found = allowed_global(module, name)
