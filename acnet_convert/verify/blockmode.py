@@ -150,7 +150,59 @@ def _block_cases(
     copied, notes = _copied_case(train, fused, plan, options, rtol)
     if copied is not None:
         cases.append(copied)
+    cases.extend(_accounting_cases(fused, plan, options))
     return layout, cases, notes
+
+
+def _accounting_cases(
+    fused: CheckpointReader, plan: FusionPlan, options: VerifyOptions
+) -> list[CaseResult]:
+    """FUSED must hold every tensor ``fuse`` would have copied, and (without
+    ``allow_extra``) nothing TRAIN does not explain: a fused file with a layer
+    left out, or with weights from elsewhere, is not what ``fuse`` wrote."""
+    explained = set(plan.origins) | {k for b in plan.blocks for k, _ in b.outputs}
+    missing = [out for out in plan.origins if out not in fused.tensors]
+    extra = [k for k in fused.tensors if k not in explained]
+    cases = []
+    if missing:
+        cases.append(
+            _listing_case(
+                "missing",
+                f"missing from FUSED ({len(missing)})",
+                missing,
+                "FUSED lacks tensors that fusing copies from TRAIN unchanged",
+                passed=False,
+            )
+        )
+    if extra:
+        allowed = "allowed by --allow-extra" if options.allow_extra else "--allow-extra allows them"
+        cases.append(
+            _listing_case(
+                "extra",
+                f"extra in FUSED ({len(extra)})",
+                extra,
+                f"FUSED holds tensors that TRAIN does not explain ({allowed})",
+                passed=options.allow_extra,
+            )
+        )
+    return cases
+
+
+def _listing_case(kind: str, name: str, keys: list[str], what: str, passed: bool) -> CaseResult:
+    shown = ", ".join(repr(k) for k in keys[:_SHOW_KEYS])
+    more = f" and {len(keys) - _SHOW_KEYS} more" if len(keys) > _SHOW_KEYS else ""
+    nan = math.nan
+    return CaseResult(
+        name=name,
+        kind=kind,
+        passed=passed,
+        max_abs=nan,
+        max_rel=nan,
+        cosine=nan,
+        ref_max=nan,
+        allowed=nan,
+        detail=f"{what}: {shown}{more}",
+    )
 
 
 def _copied_case(
@@ -163,21 +215,6 @@ def _copied_case(
     """Compare the tensors ``fuse`` copies unchanged (classifier, stem, other BNs)."""
     began = time.perf_counter()
     notes: list[str] = []
-    explained = set(plan.origins) | set(_required_outputs(plan))
-    explained |= {k for b in plan.blocks for k, _ in b.outputs}
-    missing = [out for out in plan.origins if out not in fused.tensors]
-    if missing:
-        notes.append(
-            f"{len(missing)} tensor(s) of TRAIN that fusing copies are not in FUSED "
-            "(renamed or left out?), "
-            f"e.g. {', '.join(repr(k) for k in missing[:_SHOW_KEYS])}"
-        )
-    extra = [k for k in fused.tensors if k not in explained]
-    if extra:
-        notes.append(
-            f"FUSED holds {len(extra)} tensor(s) that TRAIN does not explain, e.g. "
-            f"{', '.join(repr(k) for k in extra[:_SHOW_KEYS])}"
-        )
     present = [(out, src) for out, src in plan.origins.items() if out in fused.tensors]
     if not present:
         return None, notes

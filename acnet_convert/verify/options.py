@@ -53,7 +53,8 @@ class VerifyOptions:
     ``layout`` is FUSED's layout (``auto``: found from its keys); ``dialect``
     and ``eps`` are as for ``fuse``. ``rtol`` None means :data:`DEFAULT_RTOL`.
     ``input_shape`` is ``(C, H, W)``; ``input_path`` a ``.npy`` or ``.pt``
-    batch that replaces the random one.
+    batch that replaces the random one. ``allow_extra`` lets FUSED hold
+    tensors that TRAIN does not explain (block mode; they fail the check otherwise).
     """
 
     arch: str | None = None
@@ -72,6 +73,7 @@ class VerifyOptions:
     rtol: float | None = None
     atol: float = 0.0
     trust_pickle: bool = False
+    allow_extra: bool = False
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
