@@ -357,7 +357,7 @@ def test_write_streams_in_order_and_aligns_storages(tmp_path: Path) -> None:
 
 
 def test_write_zip64_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pth, "_ZIP64_LIMIT", 1)  # every size and offset takes the zip64 path
+    monkeypatch.setattr(pth.zipfmt, "_ZIP64_LIMIT", 1)  # every size and offset takes the zip64 path
     sd = {"a": _random((3, 5), torch.float32), "b": _random((4,), torch.bfloat16)}
     reader, out = _write_from(tmp_path, {"model": sd, "epoch": 1})
     reader.close()

@@ -40,11 +40,10 @@ import numpy as np
 from acnet_convert import dtypes
 from acnet_convert.errors import BadCheckpointError, UsageError
 
-from .base import CheckpointReader, Container, RawBytes, TensorInfo
+from .base import CheckpointReader, Container, RawBytes, TensorInfo, check_produced, check_raw
 from .containers import strip_prefix
 from .keras_config import bn_epsilons, bn_layers
 from .rawio import copy_range, read_range
-from .safetensors_io import check_produced, check_raw
 
 __all__ = ["BF16_ATTR", "LAYOUTS", "Hdf5Reader", "KerasAttrs", "replace_keras_layers", "write_hdf5"]
 

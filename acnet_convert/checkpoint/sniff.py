@@ -14,9 +14,7 @@ from typing import BinaryIO
 
 from acnet_convert.errors import BadCheckpointError
 
-from .safetensors_io import MAX_HEADER_BYTES
-
-__all__ = ["FORMAT_NAMES", "extension_note", "sniff_format"]
+__all__ = ["FORMAT_NAMES", "MAX_HEADER_BYTES", "ZIP_MAGIC", "extension_note", "sniff_format"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +26,10 @@ FORMAT_NAMES = {
     "safetensors": "safetensors data",
 }
 
-_ZIP_MAGIC = b"PK\x03\x04"
+# A zip archive starts with a local file header, or (empty) with the end record.
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+# The safetensors reference implementation refuses headers above this size too.
+MAX_HEADER_BYTES = 100_000_000
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _PICKLE_PROTO = 0x80
 _LFS_POINTER = b"version https://git-lfs"
@@ -100,7 +101,7 @@ def extension_note(path: Path, kind: str) -> str | None:
 
 
 def _sniff(head: bytes, size: int) -> str | None:
-    if head.startswith(_ZIP_MAGIC):
+    if head.startswith(ZIP_MAGIC):
         return "pth-zip"
     if head.startswith(_HDF5_MAGIC):
         return "hdf5"
