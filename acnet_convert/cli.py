@@ -161,7 +161,7 @@ def _summary(report: Any) -> str:
 @click.option(
     "--to",
     "to_format",
-    type=click.Choice(["pth", "hdf5", "safetensors"]),
+    type=click.Choice(["pth", "hdf5", "safetensors", "pdparams"]),
     help="Output format (default: from OUT's extension; with --out-dir: the input's).",
 )
 @click.option(
