@@ -232,3 +232,48 @@ def test_payload_would_really_run_without_the_guard(tmp_path: Path) -> None:
     marker = tmp_path / "code-ran"
     pickle.load(io.BytesIO(_payloads(marker)["os.system REDUCE"][0]))
     assert marker.exists()
+
+
+# --- the Paddle fluid port's auto-named square-conv bias --------------------------------------
+
+
+def _paddle_block_reference(sd: dict[str, np.ndarray], x: torch.Tensor) -> torch.Tensor:
+    """res2a_branch2b in eval mode from its raw tensors (float64, BN eps 1e-5)."""
+    import torch.nn.functional as F
+
+    def t(key: str) -> torch.Tensor:
+        return torch.from_numpy(sd[key].astype(np.float64))
+
+    out = torch.zeros(())
+    for branch in ("acsquare", "achor", "acver"):
+        w = t(f"res2a_branch2b_{branch}_weights")
+        bias_key = "res2a_branch2b.acsquare.conv2d.output.1.b_0"
+        b = t(bias_key) if branch == "acsquare" else None
+        y = F.conv2d(x, w, b, padding=(w.shape[2] // 2, w.shape[3] // 2))
+        bn = f"bn2a_branch2b_{branch}"
+        y = F.batch_norm(
+            y, t(f"{bn}_mean"), t(f"{bn}_variance"), t(f"{bn}_scale"), t(f"{bn}_offset"), eps=1e-5
+        )
+        out = out + y
+    return out
+
+
+def test_fluid_square_conv_bias_is_folded(tmp_path: Path, run_cli: CliRun) -> None:
+    sd = _state()
+    channels = sd["res2a_branch2b_acsquare_weights"].shape[0]
+    bias_key = "res2a_branch2b.acsquare.conv2d.output.1.b_0"
+    sd[bias_key] = np.random.default_rng(8).normal(0, 0.5, channels).astype(np.float32)
+    src = tmp_path / "fluid.pdparams"
+    src.write_bytes(pickle.dumps(sd, protocol=2))
+    out = tmp_path / "fused.safetensors"
+    run_cli("fuse", src, out)
+    fused = load_file(str(out))
+    assert bias_key not in fused  # consumed by the block, not passed through
+    w = torch.from_numpy(fused["res2a_branch2b_acsquare_weights"].astype(np.float64))
+    b = torch.from_numpy(fused["res2a_branch2b_acsquare_bias"].astype(np.float64))
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, w.shape[1], 7, 7, generator=gen, dtype=torch.float64)
+    got = torch.nn.functional.conv2d(x, w, b, padding=1)
+    want = _paddle_block_reference(sd, x)
+    # float32 storage of the fused kernel: ~1e-7 relative; the bias matters at ~1e-1.
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
