@@ -101,7 +101,11 @@ def test_eps_changes_the_result(tmp_path: Path, run_cli) -> None:
 
 
 def test_negative_eps_is_a_usage_error(tmp_path: Path, run_cli) -> None:
-    run_cli("fuse", FIXTURES / "cifar_quick.pth", tmp_path / "o.pth", "--eps", "-1", expect=2)
+    result = run_cli(
+        "fuse", FIXTURES / "cifar_quick.pth", tmp_path / "o.pth", "--eps", "-1", expect=2
+    )
+    assert "--eps must be a non-negative number, got -1" in result.stderr
+    assert not (tmp_path / "o.pth").exists()
 
 
 def test_dry_run_writes_nothing_and_shows_renames(tmp_path: Path, run_cli) -> None:
@@ -140,10 +144,15 @@ def test_colliding_renames_are_refused(tmp_path: Path, run_cli) -> None:
 
 
 def test_bad_rename_syntax(tmp_path: Path, run_cli) -> None:
-    run_cli(
+    result = run_cli(
         "fuse", FIXTURES / "resnet_like.pth", tmp_path / "o.pth", "--rename", "noequals", expect=2
     )
-    run_cli("fuse", FIXTURES / "resnet_like.pth", tmp_path / "o.pth", "--rename", "(=x", expect=2)
+    assert "--rename 'noequals'" in result.stderr
+    result = run_cli(
+        "fuse", FIXTURES / "resnet_like.pth", tmp_path / "o.pth", "--rename", "(=x", expect=2
+    )
+    assert "--rename '(=x': bad regular expression" in result.stderr
+    assert not (tmp_path / "o.pth").exists()
 
 
 def test_baseline_layout_identity_bn_reproduces_fused_conv(tmp_path: Path, run_cli) -> None:
@@ -202,7 +211,8 @@ def test_inspect_json_and_filter(run_cli) -> None:
 
 
 def test_inspect_bad_filter_is_usage_error(run_cli) -> None:
-    run_cli("inspect", FIXTURES / "cifar_quick.pth", "--filter", "(", expect=2)
+    result = run_cli("inspect", FIXTURES / "cifar_quick.pth", "--filter", "(", expect=2)
+    assert "--filter '(': bad regular expression" in result.stderr and not result.stdout
 
 
 def test_inspect_fused_checkpoint_says_so(tmp_path: Path, run_cli) -> None:
@@ -254,7 +264,8 @@ def test_out_dir_expands_globs(tmp_path: Path, run_cli) -> None:
 
 
 def test_fuse_needs_two_paths_without_out_dir(run_cli) -> None:
-    run_cli("fuse", FIXTURES / "cifar_quick.pth", expect=2)
+    result = run_cli("fuse", FIXTURES / "cifar_quick.pth", expect=2)
+    assert "fuse takes CKPT OUT (or several CKPTs with --out-dir DIR)" in result.stderr
 
 
 def test_unknown_dialect_is_usage_error(tmp_path: Path, run_cli) -> None:
