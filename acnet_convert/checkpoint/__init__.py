@@ -75,10 +75,15 @@ def open_checkpoint(path: Path, *, trust_pickle: bool = False) -> CheckpointRead
         from .safetensors_io import SafetensorsReader
 
         return SafetensorsReader(path)
+    if kind == "keras":
+        from .keras3 import Keras3Reader
+
+        return Keras3Reader(path)
     if kind == "hdf5":
         from .hdf5_io import Hdf5Reader
+        from .keras3 import Keras3Reader, is_keras3_weights
 
-        return Hdf5Reader(path)
+        return Keras3Reader(path) if is_keras3_weights(path) else Hdf5Reader(path)
     if kind == "pdparams":
         from .pdparams import PdparamsReader
 

@@ -25,6 +25,7 @@ FORMAT_NAMES = {
     "hdf5": "HDF5 data",
     "safetensors": "safetensors data",
     "pdparams": "a pickle (Paddle .pdparams)",
+    "keras": "a Keras 3 .keras archive",
 }
 
 # A zip archive starts with a local file header, or (empty) with the end record.
@@ -47,10 +48,11 @@ _EXPECTED = {
     ".hdf5": ("hdf5",),
     ".safetensors": ("safetensors",),
     ".pdparams": ("pdparams",),
+    ".keras": ("keras",),
 }
 _SUPPORTED = (
-    "PyTorch .pth (zip or legacy pickle), HDF5 (upstream ACNet or Keras), safetensors "
-    "or Paddle .pdparams"
+    "PyTorch .pth (zip or legacy pickle), HDF5 (upstream ACNet, Keras 2 or Keras 3), "
+    "Keras 3 .keras, safetensors or Paddle .pdparams"
 )
 
 
@@ -58,7 +60,7 @@ def sniff_format(path: Path) -> str:
     """Which format ``path`` holds, judged from its content.
 
     Returns:
-        ``"pth-zip"``, ``"pth-legacy"``, ``"hdf5"``, ``"safetensors"`` or ``"pdparams"``.
+        ``"pth-zip"``, ``"pth-legacy"``, ``"hdf5"``, ``"safetensors"``, ``"pdparams"`` or ``"keras"``.
 
     Raises:
         BadCheckpointError: the path is missing, a directory, unreadable or
@@ -89,6 +91,8 @@ def sniff_format(path: Path) -> str:
         raise BadCheckpointError(f"{path}: is empty (0 bytes); was the download or save cut short?")
     if kind is None:
         raise BadCheckpointError(_unknown_message(path, head))
+    if kind == "pth-zip" and _is_keras_archive(path):
+        kind = "keras"
     note = extension_note(path, kind)
     if note:
         logger.info("%s", note)
@@ -121,6 +125,18 @@ def _sniff(head: bytes, size: int) -> str | None:
     if len(head) >= 2 and head[0] == _PICKLE_PROTO and 2 <= head[1] <= 5:
         return "pth-legacy" if _TORCH_LEGACY_MAGIC in head[:32] else "pdparams"
     return None
+
+
+def _is_keras_archive(path: Path) -> bool:
+    """A zip with Keras 3's config.json and model.weights.h5 (a torch archive has neither)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+    return {"config.json", "model.weights.h5"} <= names
 
 
 def _hdf5_after_userblock(handle: BinaryIO, size: int) -> str | None:
