@@ -639,7 +639,8 @@ def _render_verify(result: Any, console: Any) -> None:
     from rich.table import Table
 
     def fmt(value: float | None, spec: str = ".3g") -> str:
-        return "-" if value is None else format(value, spec)
+        # NaN: a check that lists tensors (missing, extra) and has no figures.
+        return "-" if value is None or value != value else format(value, spec)
 
     def table(title: str, cases: Sequence[Any], network: bool) -> Any:
         t = Table(title=title, title_justify="left")
