@@ -169,8 +169,12 @@ def load_block(
     eps: float,
     source: str,
     layout: str = "OIHW",
+    bn_eps: Mapping[str, float] | None = None,
 ) -> BlockTensors:
     """Read a block's tensors into float64, in OIHW, checking their values.
+
+    ``bn_eps`` maps a BN's running-mean key to the epsilon its file declares
+    (a reader's ``bn_epsilons``); other BNs use ``eps``.
 
     Raises:
         UnfusableBlockError: NaN/Inf anywhere in the block, or
@@ -187,17 +191,16 @@ def load_block(
     def bn(s: BNSpec | None) -> BNStats | None:
         if s is None:
             return None
+        e = (bn_eps or {}).get(s.mean, eps)
         var = load(s.var)
-        if np.any(var + eps <= 0):
-            raise c.fail(
-                f"'{s.var}' + eps ({eps:g}) is not positive; the BN statistics are corrupt"
-            )
+        if np.any(var + e <= 0):
+            raise c.fail(f"'{s.var}' + eps ({e:g}) is not positive; the BN statistics are corrupt")
         return BNStats(
             mean=load(s.mean),
             var=var,
             weight=load(s.weight) if s.weight else None,
             bias=load(s.bias) if s.bias else None,
-            eps=eps,
+            eps=e,
         )
 
     def branch(s: BranchSpec) -> Branch:

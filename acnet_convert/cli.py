@@ -197,7 +197,7 @@ def _details(report: Any) -> list[str]:
 @click.option(
     "--to",
     "to_format",
-    type=click.Choice(["pth", "hdf5", "safetensors"]),
+    type=click.Choice(["pth", "hdf5", "safetensors", "pdparams"]),
     help="Output format (default: from OUT's extension; with --out-dir: the input's).",
 )
 @click.option(
@@ -625,6 +625,11 @@ _VERIFY_ROWS = 12
     default=None,
     help="Also write the result as JUnit XML to this file, for CI.",
 )
+@click.option(
+    "--allow-extra",
+    is_flag=True,
+    help="Pass although FUSED holds tensors that TRAIN does not explain (block mode).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No notes or summary on stderr.")
 @_trust_option
 @_json_option
@@ -647,6 +652,7 @@ def verify(
     rtol: float | None,
     atol: float,
     junit: Path | None,
+    allow_extra: bool,
     quiet: bool,
     trust_pickle: bool,
     as_json: bool,
@@ -702,6 +708,7 @@ def verify(
             rtol=rtol,
             atol=atol,
             trust_pickle=trust_pickle,
+            allow_extra=allow_extra,
         )
         try:
             if quiet or not err.is_terminal:
@@ -727,7 +734,8 @@ def verify(
         _render_verify(result, _stdout())
     if result.passed and not quiet:
         checks = result.checks()
-        worst = max((*result.cases, *result.block_checks), key=lambda c: c.max_rel, default=None)
+        numeric = [c for c in (*result.cases, *result.block_checks) if c.max_rel == c.max_rel]
+        worst = max(numeric, key=lambda c: c.max_rel, default=None)
         figure = f", max_rel {worst.max_rel:.3g}" if worst is not None else ""
         err.print(
             f"verified: {_escape(str(fused))} computes what {_escape(str(train))} computes "
@@ -763,7 +771,8 @@ def _render_verify(result: Any, console: Any) -> None:
     from rich.table import Table
 
     def fmt(value: float | None, spec: str = ".3g") -> str:
-        return "-" if value is None else format(value, spec)
+        # NaN: a check that lists tensors (missing, extra) and has no figures.
+        return "-" if value is None or value != value else format(value, spec)
 
     def table(title: str, cases: Sequence[Any], network: bool) -> Any:
         t = Table(title=title, title_justify="left")

@@ -285,7 +285,12 @@ _SLAB_BYTES = 512 << 10
 
 
 def _block_slabs(
-    reader: CheckpointReader, block: PlannedBlock, eps: float, source: str, layout: str
+    reader: CheckpointReader,
+    block: PlannedBlock,
+    eps: float,
+    source: str,
+    layout: str,
+    bn_eps: Mapping[str, float] | None = None,
 ) -> Iterator[tuple[slice, BlockTensors]]:
     """The block's tensors in float64 (checked by :func:`load_block`), a slab of channels at a time.
 
@@ -329,7 +334,7 @@ def _block_slabs(
         def read(key: str, rows: slice = rows) -> np.ndarray:
             return rows_of(key, rows)
 
-        yield rows, load_block(block.spec, reader.tensors, read, eps, source, layout)
+        yield rows, load_block(block.spec, reader.tensors, read, eps, source, layout, bn_eps)
 
 
 @dataclass(frozen=True)
@@ -389,7 +394,7 @@ def _fuse_one(
     bias = np.empty(g.out_channels)
     checks: list[BlockCheck] = []
     layout = plan.dialect.kernel_layout
-    for rows, tensors in _block_slabs(reader, block, plan.eps, plan.source, layout):
+    for rows, tensors in _block_slabs(reader, block, plan.eps, plan.source, layout, plan.bn_eps):
         w, b = fuse_block(tensors)
         stored = dtypes.from_float64(w, g.dtype)
         stored_w = dtypes.to_float64(stored, g.dtype)

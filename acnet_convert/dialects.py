@@ -348,7 +348,13 @@ BUILTIN_DIALECTS: tuple[Dialect, ...] = (
         anchor=r"(?P<n>.+)_acsquare_weights",
         # PaddleClas' ResNet_ACNet: bn_name = "bn_" + name if name == "conv1" else "bn" + name[3:]
         derived=(("b", "n", ((r"conv1", r"bn_conv1"), (r"...(.+)", r"bn\1"))),),
-        square=BranchNames("{n}_acsquare_weights", None, bn_names("{b}_acsquare", style="paddle")),
+        # A fluid conv2d named '<n>.acsquare.conv2d.output.1' without bias_attr=False gets an
+        # auto-named bias: folded like any conv bias when present.
+        square=BranchNames(
+            "{n}_acsquare_weights",
+            "{n}.acsquare.conv2d.output.1.b_0",
+            bn_names("{b}_acsquare", style="paddle"),
+        ),
         branches=(
             BranchNames("{n}_achor_weights", None, bn_names("{b}_achor", style="paddle")),
             BranchNames("{n}_acver_weights", None, bn_names("{b}_acver", style="paddle")),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from acnet_convert.blocks import BlockGeometry, block_geometry
 from acnet_convert.checkpoint import CheckpointReader, TensorInfo
@@ -80,6 +80,10 @@ class FusionPlan:
     bytes_after: int
     # (alias label, alias dialect, primary label): blocks whose keys are dropped as a second naming
     dropped_aliases: tuple[tuple[str, str, str], ...] = ()
+    # BN running-mean key -> the epsilon the file declares for that BN (used unless --eps)
+    bn_eps: Mapping[str, float] = field(default_factory=dict)
+    # (running-mean key, declared eps) of BNs whose declared eps --eps overrides
+    eps_overridden: tuple[tuple[str, float], ...] = ()
 
 
 def _unit_prefix(spec: BlockSpec) -> str:
@@ -228,6 +232,7 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
         for before, after in zip(outputs, renamed, strict=True)
         if before.name in origins
     }
+    bn_eps, overridden = _file_epsilons(reader, options)
     return FusionPlan(
         source=source,
         dialect=dialect,
@@ -248,7 +253,19 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
         bytes_before=sum(t.nbytes for k, t in infos.items()),
         bytes_after=sum(t.nbytes for t in renamed),
         dropped_aliases=tuple(dropped),
+        bn_eps=bn_eps,
+        eps_overridden=overridden,
     )
+
+
+def _file_epsilons(
+    reader: CheckpointReader, options: FuseOptions
+) -> tuple[dict[str, float], tuple[tuple[str, float], ...]]:
+    """The reader's per-BN epsilons (``bn_epsilons``) to use, and those ``--eps`` overrides."""
+    declared = dict(getattr(reader, "bn_epsilons", None) or {})
+    if options.eps is None:
+        return declared, ()
+    return {}, tuple((k, e) for k, e in declared.items() if e != options.eps)
 
 
 _DROPPED = -1  # owner of the keys of an alias block that is dropped
@@ -285,6 +302,19 @@ def plan_notes(plan: FusionPlan) -> tuple[str, ...]:
         f"'{plan.dialect.name}' block '{primary}' (another naming of it)"
         for alias, dialect, primary in plan.dropped_aliases
     ]
+    used = [k for b in plan.blocks for k in b.consumed if k in plan.bn_eps]
+    if used:
+        values = ", ".join(f"{e:g}" for e in sorted({plan.bn_eps[k] for k in used}))
+        notes.append(
+            f"used the epsilon the file declares for each of {len(used)} BN(s) ({values}) "
+            "instead of the dialect's default; --eps overrides it"
+        )
+    if plan.eps_overridden:
+        key, declared = plan.eps_overridden[0]
+        notes.append(
+            f"--eps {plan.eps:g} overrides the epsilon the file declares for "
+            f"{len(plan.eps_overridden)} BN(s) (e.g. {declared:g} for '{key}')"
+        )
     if plan.dialect.anchor is None:
         notes.append(
             "blocks were found by kernel shape alone (generic dialect); "

@@ -139,7 +139,10 @@ def test_reads_module_state_dict_and_parameters(tmp_path: Path) -> None:
     torch.save(net.state_dict(), path)
     with PthReader(path) as reader:
         _assert_matches(reader, torch.load(path, weights_only=True))
-    params = {"w": torch.nn.Parameter(torch.randn(2, 3)), "b": torch.nn.Parameter(torch.zeros(2))}
+    params = {
+        "w": torch.nn.Parameter(torch.randn(2, 3, generator=torch.Generator().manual_seed(7))),
+        "b": torch.nn.Parameter(torch.zeros(2)),
+    }
     torch.save(params, path)
     with PthReader(path) as reader:
         _assert_matches(reader, {k: v.detach() for k, v in params.items()})
