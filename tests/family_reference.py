@@ -77,7 +77,17 @@ class PaddingBN(nn.Module):
         y: torch.Tensor = self.bn(x)
         if self.pad == 0:
             return y
-        zero = self.bn(torch.zeros_like(x[:1, :, :1, :1]))  # [1, C, 1, 1]: BN of a zero input
+        bn = self.bn  # the value this BN gives a zero input, from its running statistics
+        zero = F.batch_norm(
+            torch.zeros_like(x[:1, :, :1, :1]),
+            bn.running_mean,
+            bn.running_var,
+            bn.weight,
+            bn.bias,
+            False,
+            0.0,
+            bn.eps,
+        )
         p = self.pad
         out = zero.expand(y.shape[0], -1, y.shape[2] + 2 * p, y.shape[3] + 2 * p).clone()
         out[:, :, p:-p, p:-p] = y
@@ -344,6 +354,15 @@ class _Net(nn.Module):
             x = torch.relu(getattr(self, name)(x))
         return self.head(x.mean(dim=(2, 3)))  # type: ignore[no-any-return]
 
+    def _with_backbone(self, blocks: list[tuple[str, nn.Module]]) -> _Net:
+        """Fill the ``backbone`` Sequential with upstream ACNet's ``<unit>.acb`` units."""
+        for name, block in blocks:
+            unit = nn.Module()
+            unit.add_module("acb", block)
+            unit.forward = block.forward  # type: ignore[method-assign]
+            self.backbone.add_module(name, unit)
+        return self
+
 
 def dbb_net(deploy: bool = False, fold_bn: bool = False) -> nn.Module:
     """Plain ConvBN stem; DBB with idconv1, grouped + stride 2, depthwise k=5 (conv1), conv1 k=3."""
@@ -449,6 +468,24 @@ def replknet_net(deploy: bool = False, fold_bn: bool = False) -> nn.Module:
     )
 
 
+def mixed_net(deploy: bool = False, fold_bn: bool = False) -> nn.Module:
+    """An ACNet backbone (upstream's ``<unit>.acb`` names) with a RepVGG head block."""
+    from acnet_convert.nn import ACBlock
+
+    return _Net(
+        [
+            ("backbone", nn.Sequential()),
+            ("head_block", RepVGGBlock(8, 8, deploy=deploy)),
+        ],
+        8,
+    )._with_backbone(
+        [
+            ("conv1", ACBlock(3, 8, 3, padding=1, deploy=deploy)),
+            ("conv2", ACBlock(8, 8, 3, stride=2, padding=1, deploy=deploy)),
+        ]
+    )
+
+
 # name -> net factory (deploy, fold_bn)
 FAMILY_NETS: dict[str, Callable[..., nn.Module]] = {
     "dbb": dbb_net,
@@ -458,6 +495,7 @@ FAMILY_NETS: dict[str, Callable[..., nn.Module]] = {
     "timm": timm_net,
     "replknet": replknet_net,
 }
+MIXED_NET = mixed_net
 
 
 def randomize(model: nn.Module, gen: torch.Generator) -> nn.Module:
