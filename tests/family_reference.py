@@ -54,14 +54,20 @@ def _conv(cin: int, cout: int, k: int, stride: int, pad: int, groups: int, bias:
 
 
 def conv_bn(
-    cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, pad: int | None = None
+    cin: int,
+    cout: int,
+    k: int,
+    stride: int = 1,
+    groups: int = 1,
+    pad: int | None = None,
+    fold_bn: bool = False,
 ) -> nn.Sequential:
-    """A conv (no bias) then a BN, named ``conv`` and ``bn``."""
+    """A conv (no bias) then a BN, named ``conv`` and ``bn``; folded: ``conv`` with a bias."""
     unit = nn.Sequential()
-    unit.add_module(
-        "conv", _conv(cin, cout, k, stride, k // 2 if pad is None else pad, groups, False)
-    )
-    unit.add_module("bn", nn.BatchNorm2d(cout))
+    pad = k // 2 if pad is None else pad
+    unit.add_module("conv", _conv(cin, cout, k, stride, pad, groups, fold_bn))
+    if not fold_bn:
+        unit.add_module("bn", nn.BatchNorm2d(cout))
     return unit
 
 
@@ -442,12 +448,14 @@ def timm_net(deploy: bool = False, fold_bn: bool = False) -> nn.Module:
 class _RepLKUnit(nn.Module):
     """RepLKNet's block: ``prelkb_bn``, ``pw1``, ``large_kernel``, ``pw2``, with a residual."""
 
-    def __init__(self, channels: int, k: int, small: int | None, deploy: bool) -> None:
+    def __init__(
+        self, channels: int, k: int, small: int | None, deploy: bool, fold_bn: bool
+    ) -> None:
         super().__init__()
-        self.prelkb_bn = nn.BatchNorm2d(channels)
-        self.pw1 = conv_bn(channels, channels, 1)
+        self.prelkb_bn = nn.BatchNorm2d(channels)  # a BN before a conv: no --fold-bn folds it
+        self.pw1 = conv_bn(channels, channels, 1, fold_bn=fold_bn)
         self.large_kernel = ReparamLargeKernelConv(channels, k, small, deploy=deploy)
-        self.pw2 = conv_bn(channels, channels, 1)
+        self.pw2 = conv_bn(channels, channels, 1, fold_bn=fold_bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.pw1(self.prelkb_bn(x)))
@@ -458,11 +466,11 @@ def replknet_net(deploy: bool = False, fold_bn: bool = False) -> nn.Module:
     """Plain stem; 7x7 + 3x3 unit; 5x5 + 3x3 stride 2; 7x7 + 5x5; 5x5 alone (no small_conv)."""
     return _Net(
         [
-            ("stem", conv_bn(3, 4, 3, stride=2)),
-            ("block1", _RepLKUnit(4, 7, 3, deploy)),
+            ("stem", conv_bn(3, 4, 3, stride=2, fold_bn=fold_bn)),
+            ("block1", _RepLKUnit(4, 7, 3, deploy, fold_bn)),
             ("down", ReparamLargeKernelConv(4, 5, 3, stride=2, deploy=deploy)),
-            ("block2", _RepLKUnit(4, 7, 5, deploy)),
-            ("block3", _RepLKUnit(4, 5, None, deploy)),
+            ("block2", _RepLKUnit(4, 7, 5, deploy, fold_bn)),
+            ("block3", _RepLKUnit(4, 5, None, deploy, fold_bn)),
         ],
         4,
     )
