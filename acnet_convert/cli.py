@@ -491,7 +491,26 @@ _VERIFY_ROWS = 12
     show_default=True,
     help="FUSED's layout; auto: found from its keys.",
 )
-@click.option("--dialect", default=None, help="Force TRAIN's naming dialect (see 'inspect').")
+@click.option(
+    "--family",
+    "--dialect",
+    "dialect",
+    default=None,
+    help="Force TRAIN's block family or naming dialect (see 'inspect'). "
+    "[default: what FUSED records, else detected]",
+)
+@click.option(
+    "--patterns",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="TOML file defining extra naming dialects, as given to 'fuse'.",
+)
+@click.option(
+    "--rename",
+    multiple=True,
+    metavar="REGEX=REPLACEMENT",
+    help="The renames given to 'fuse' (repeatable). [default: what FUSED records]",
+)
 @click.option(
     "--eps",
     type=float,
@@ -565,6 +584,8 @@ def verify(
     list_archs: bool,
     layout: str,
     dialect: str | None,
+    patterns: Path | None,
+    rename: tuple[str, ...],
     eps: float | None,
     seed: int,
     batch: int,
@@ -629,6 +650,8 @@ def verify(
             atol=atol,
             trust_pickle=trust_pickle,
             allow_extra=allow_extra,
+            extra_dialects=_load_patterns(patterns),
+            renames=_parse_renames(rename),
         )
         if quiet or not err.is_terminal:
             result = verify_checkpoints(train, fused, options)

@@ -83,7 +83,8 @@ class Dialect:
     the source's value (PaddleClas names the BN of conv ``res2a_branch2b``
     ``bn2a_branch2b``). ``label`` says how a block is shown to people.
     ``square`` is the primary branch (its kernel is the target's), ``branches``
-    the others (N of them, any kind). ``family`` groups dialects; blocks of
+    the others (N of them, any kind); ``extra_branches`` optional ones some
+    variants add (ACNet's dilated corner branch). ``family`` groups dialects; blocks of
     different families may be mixed in one checkpoint. ``exclusive``
     dialects are alternative namings of one block (ACNet's ports): of a
     family's exclusive dialects only one explains a checkpoint (the others
@@ -112,6 +113,7 @@ class Dialect:
     derived: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = ()
     kernel_layout: str = "OIHW"
     default_eps: float = 1e-5
+    extra_branches: tuple[BranchNames, ...] = ()
     family: str = "acnet"
     exclusive: bool = True
     requires_any: tuple[str, ...] = ()
@@ -152,6 +154,7 @@ class Dialect:
         }
         named: list[tuple[str, BranchNames | None]] = [("square", self.square)]
         named += [(f"branches[{i}]", b) for i, b in enumerate(self.branches or ())]
+        named += [(f"extra_branches[{i}]", b) for i, b in enumerate(self.extra_branches)]
         for where, branch in named:
             while branch is not None:
                 if branch.weight is not None:

@@ -12,6 +12,7 @@ import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from acnet_convert.accounting import Suspect, find_suspects, suspects_message
 from acnet_convert.blocks import BlockGeometry, block_geometry
@@ -25,12 +26,42 @@ __all__ = [
     "LAYOUTS",
     "FuseOptions",
     "FusionPlan",
+    "NamingOptions",
     "PlannedBlock",
     "plan_fusion",
     "plan_notes",
 ]
 
 LAYOUTS = ("deploy", "baseline", "baseline-bias")
+
+
+@dataclass(frozen=True)
+class NamingOptions:
+    """How TRAIN's blocks are found and FUSED's keys named: shared by fuse, inspect,
+    verify and ``fuse_and_load`` (vary it with ``dataclasses.replace``).
+
+    ``dialect`` forces a family or dialect; ``extra_dialects`` come from
+    ``--patterns``; ``renames`` are ``(regex, replacement)`` pairs applied to
+    output names; ``eps`` None means each family's default (or the file's).
+    ``fold_bn`` also folds plain conv+BN units.
+    """
+
+    dialect: str | None = None
+    extra_dialects: tuple[Dialect, ...] = ()
+    renames: tuple[tuple[str, str], ...] = ()
+    eps: float | None = None
+    fold_bn: bool = False
+
+    def fuse_options(self, **other: Any) -> FuseOptions:
+        """:class:`FuseOptions` with these naming options (and ``other`` fields)."""
+        return FuseOptions(
+            dialect=self.dialect,
+            extra_dialects=self.extra_dialects,
+            renames=self.renames,
+            eps=self.eps,
+            fold_bn=self.fold_bn,
+            **other,
+        )
 
 
 @dataclass(frozen=True)
@@ -52,6 +83,13 @@ class FuseOptions:
     seed: int = 0
     allow_unfused: bool = False
     fold_bn: bool = False
+
+    @property
+    def naming(self) -> NamingOptions:
+        """The naming part of these options."""
+        return NamingOptions(
+            self.dialect, self.extra_dialects, self.renames, self.eps, self.fold_bn
+        )
 
 
 @dataclass(frozen=True)

@@ -376,3 +376,49 @@ def test_stream_slabs_agree_with_one_slab(monkeypatch: pytest.MonkeyPatch, tmp_p
         assert all(b.passed for b in slabbed.blocks)
         for key, value in whole.items():
             np.testing.assert_array_equal(slabbed.tensors[key], value)
+
+
+def test_a_user_toml_family_with_branch_kinds(tmp_path: Path, run_cli: Any) -> None:
+    """A patterns file can describe a new family: N branches, each with a kind."""
+    toml = tmp_path / "myrep.toml"
+    toml.write_text(
+        """
+[[dialect]]
+name = "myrep"
+family = "myrep"
+anchor = '(?P<p>(?:.+\\.)?)big\\.conv\\.weight'
+fused_weight = "{p}deployed.weight"
+fused_bias = "{p}deployed.bias"
+square = { weight = "{p}big.conv.weight", bn = "{p}big.bn" }
+branches = [
+  { weight = "{p}point.conv.weight", bn = "{p}point.bn" },
+  { kind = "identity", bn = "{p}skip" },
+]
+""",
+        encoding="utf-8",
+    )
+    rng = np.random.default_rng(31)
+    sd: State = {}
+    _conv(rng, sd, "m.big.conv.weight", (4, 4, 3, 3))
+    _bn(rng, sd, "m.big.bn", 4)
+    _conv(rng, sd, "m.point.conv.weight", (4, 4, 1, 1))
+    _bn(rng, sd, "m.point.bn", 4)
+    _bn(rng, sd, "m.skip", 4)
+    src, dst = tmp_path / "t.safetensors", tmp_path / "o.safetensors"
+    save_file(sd, str(src))
+    run_cli("fuse", src, dst, "--patterns", toml)
+    out = load_file(str(dst))
+    assert set(out) == {"m.deployed.weight", "m.deployed.bias"}
+    case = Case(
+        sd,
+        lambda x: (
+            _conv_bn(sd, "m.big.conv.weight", "m.big.bn", x, 3, 1)
+            + _conv_bn(sd, "m.point.conv.weight", "m.point.bn", x, 3, 1)
+            + _identity(sd, "m.skip", x, 3)
+        ),
+        "m.deployed",
+        3,
+        1,
+        4,
+    )
+    _fused_matches(case, out, seed=3)

@@ -6,7 +6,9 @@ h5); the generic shape rule (:mod:`acnet_convert.generic`) and user TOML files
 describe the same family. ACNet's own geometry rule, :func:`validate_acnet`:
 an odd square kernel of 3 or more, and exactly one 1xk and one kx1 branch of
 odd length no longer than the square (told apart by shape, not by name: some
-ports swap what "ver" and "hor" mean).
+ports swap what "ver" and "hor" mean). Upstream-named blocks may carry a fourth,
+dilated branch (``corner_conv``/``corner_bn``: a 2x2 conv with dilation 2, the
+square's corners), fused like the others.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def validate_acnet(geometry: Any) -> str | None:
             f"'{first.key}' has a {kh}x{kw} kernel; an asymmetric block needs an odd "
             "square kernel of size 3 or more"
         )
-    others = geometry.branches[1:]
+    others = [b for b in geometry.branches[1:] if b.dilation == 1]  # corners are extra
     shapes = [b.kernel for b in others]
     kinds = sorted(
         "hor" if h == 1 and w > 1 else "ver" if w == 1 and h > 1 else "bad" for h, w in shapes
@@ -92,6 +94,17 @@ DIALECTS: tuple[Dialect, ...] = (
         anchor=TORCH_PREFIX + r"square_conv\.weight",
         square=_torch_branch("square_conv", "square_bn"),
         branches=(_torch_branch("hor_conv", "hor_bn"), _torch_branch("ver_conv", "ver_bn")),
+        # a fourth branch some variants add: a 2x2 conv with dilation 2 (the square's corners)
+        extra_branches=(
+            BranchNames(
+                "{p}corner_conv.weight",
+                "{p}corner_conv.bias",
+                bn_names("{p}corner_bn"),
+                optional=True,
+                dilation=2,
+                role="corner_conv",
+            ),
+        ),
         last_bn=bn_names("{p}last_bn"),
         fused_weight="{p}fused_conv.weight",
         fused_bias="{p}fused_conv.bias",
