@@ -51,3 +51,10 @@ def test_verify_family_option_is_an_alias_of_dialect(tmp_path: Path, run_cli: An
     run_cli("fuse", src, out, "--family", "repvgg", "--quiet")
     run_cli("verify", src, out, "--blocks", "--family", "repvgg")
     run_cli("verify", src, out, "--blocks", "--dialect", "repvgg")
+
+
+def test_verify_json_carries_the_schema(tmp_path: Path, run_cli: Any) -> None:
+    out = tmp_path / "o.safetensors"
+    run_cli("fuse", FIXTURES / "resnet_like.safetensors", out, "--quiet")
+    result = run_cli("verify", FIXTURES / "resnet_like.safetensors", out, "--blocks", "--json")
+    assert json.loads(result.stdout)["schema"] == 1
