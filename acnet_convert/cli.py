@@ -169,7 +169,7 @@ def _summary(report: Any) -> str:
 @click.option(
     "--to",
     "to_format",
-    type=click.Choice(["pth", "hdf5", "safetensors"]),
+    type=click.Choice(["pth", "hdf5", "safetensors", "pdparams"]),
     help="Output format (default: from OUT's extension; with --out-dir: the input's).",
 )
 @click.option(
@@ -694,7 +694,8 @@ def _render_verify(result: Any, console: Any) -> None:
     from rich.table import Table
 
     def fmt(value: float | None, spec: str = ".3g") -> str:
-        return "-" if value is None else format(value, spec)
+        # NaN: a check that lists tensors (missing, extra) and has no figures.
+        return "-" if value is None or value != value else format(value, spec)
 
     def table(title: str, cases: Sequence[Any], network: bool) -> Any:
         t = Table(title=title, title_justify="left")

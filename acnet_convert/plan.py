@@ -125,6 +125,8 @@ class FusionPlan:
     dropped_aliases: tuple[tuple[str, str, str], ...] = ()
     # BN running-mean key -> the epsilon the file declares for it (used unless --eps is given)
     bn_eps: Mapping[str, float] = field(default_factory=dict)
+    # (running-mean key, declared eps) of BNs whose declared eps --eps overrides
+    eps_overridden: tuple[tuple[str, float], ...] = ()
     dialects: tuple[Dialect, ...] = ()
     # tensors that look like unfused training-time parts (passed through with --allow-unfused)
     suspects: tuple[Suspect, ...] = ()
@@ -279,6 +281,7 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
             )
     if options.layout == "baseline":
         _refuse_taken_bn(planned, origins, source)
+    bn_eps, overridden = _file_epsilons(reader, options)
     suspects = find_suspects(
         [(b.spec, (b.geometry.out_channels, b.geometry.in_per_group)) for b in planned],
         list(origins),
@@ -325,10 +328,21 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
         bytes_before=sum(t.nbytes for k, t in infos.items()),
         bytes_after=sum(t.nbytes for t in renamed),
         dropped_aliases=tuple(dropped),
-        bn_eps={} if options.eps is not None else dict(getattr(reader, "bn_epsilons", None) or {}),
+        bn_eps=bn_eps,
+        eps_overridden=overridden,
         dialects=detection.dialects,
         suspects=suspects,
     )
+
+
+def _file_epsilons(
+    reader: CheckpointReader, options: FuseOptions
+) -> tuple[dict[str, float], tuple[tuple[str, float], ...]]:
+    """The reader's per-BN epsilons (``bn_epsilons``) to use, and those ``--eps`` overrides."""
+    declared = dict(getattr(reader, "bn_epsilons", None) or {})
+    if options.eps is None:
+        return declared, ()
+    return {}, tuple((k, e) for k, e in declared.items() if e != options.eps)
 
 
 _DROPPED = -1  # owner of the keys of an alias block that is dropped
@@ -373,6 +387,19 @@ def plan_notes(plan: FusionPlan) -> tuple[str, ...]:
         f"'{plan.dialect.name}' block '{primary}' (another naming of it)"
         for alias, dialect, primary in plan.dropped_aliases
     ]
+    used = [k for b in plan.blocks for k in b.consumed if k in plan.bn_eps]
+    if used:
+        values = ", ".join(f"{e:g}" for e in sorted({plan.bn_eps[k] for k in used}))
+        notes.append(
+            f"used the epsilon the file declares for each of {len(used)} BN(s) ({values}) "
+            "instead of the dialect's default; --eps overrides it"
+        )
+    if plan.eps_overridden:
+        key, declared = plan.eps_overridden[0]
+        notes.append(
+            f"--eps {plan.eps:g} overrides the epsilon the file declares for "
+            f"{len(plan.eps_overridden)} BN(s) (e.g. {declared:g} for '{key}')"
+        )
     folded = [b for b in plan.blocks if b.spec.family == FOLD_BN.family]
     if folded:
         notes.append(

@@ -149,8 +149,13 @@ DIALECTS: tuple[Dialect, ...] = (
         anchor=r"(?P<n>.+)_acsquare_weights",
         # PaddleClas' ResNet_ACNet: bn_name = "bn_" + name if name == "conv1" else "bn" + name[3:]
         derived=(("b", "n", ((r"conv1", r"bn_conv1"), (r"...(.+)", r"bn\1"))),),
+        # A fluid conv2d named '<n>.acsquare.conv2d.output.1' without bias_attr=False gets an
+        # auto-named bias: folded like any conv bias when present.
         square=BranchNames(
-            "{n}_acsquare_weights", None, bn_names("{b}_acsquare", style="paddle"), role="acsquare"
+            "{n}_acsquare_weights",
+            "{n}.acsquare.conv2d.output.1.b_0",
+            bn_names("{b}_acsquare", style="paddle"),
+            role="acsquare",
         ),
         branches=(
             BranchNames(

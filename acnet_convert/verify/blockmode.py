@@ -33,8 +33,15 @@ from acnet_convert.verify.results import CaseResult, VerifyResult
 __all__ = []
 
 
-def naming_for(options: VerifyOptions, provenance: Mapping[str, str]) -> NamingOptions:
-    """The naming options to plan TRAIN with: the user's, else what FUSED says ``fuse`` used."""
+def naming_for(
+    options: VerifyOptions, provenance: Mapping[str, str], declares_eps: bool = False
+) -> NamingOptions:
+    """The naming options to plan TRAIN with: the user's, else what FUSED says ``fuse`` used.
+
+    ``fuse --eps`` is taken from the provenance only when TRAIN declares no BN
+    epsilons of its own (``declares_eps``): a declared epsilon is the truth a
+    wrong ``--eps`` at fuse time must be checked against.
+    """
     dialect = options.dialect
     recorded = provenance.get("acnet_convert.dialect", "")
     if dialect is None and recorded and "+" not in recorded and recorded != "conv-bn":
@@ -48,7 +55,7 @@ def naming_for(options: VerifyOptions, provenance: Mapping[str, str]) -> NamingO
         except (ValueError, TypeError):
             renames = ()
     eps = options.eps
-    if eps is None and "acnet_convert.eps_option" in provenance:
+    if eps is None and not declares_eps and "acnet_convert.eps_option" in provenance:
         try:
             eps = float(provenance["acnet_convert.eps_option"])
         except ValueError:
@@ -70,7 +77,7 @@ def _plan_for(
 ) -> tuple[FusionPlan, str]:
     """Plan the fusion of TRAIN in FUSED's layout (found from FUSED's keys for ``auto``)."""
     recorded = dict(provenance or {})
-    naming = naming_for(options, recorded)
+    naming = naming_for(options, recorded, bool(getattr(train, "bn_epsilons", None)))
 
     def fuse_options(layout: str) -> FuseOptions:
         return naming.fuse_options(layout=layout)
