@@ -275,7 +275,7 @@ def fuse_and_load(
     return LoadReport(
         source=str(source),
         layout=chosen.layout,
-        dialect=state.plan.dialect.name,
+        dialect=state.plan.dialect_names,
         eps=state.plan.eps,
         blocks=tuple(b.label for b in state.blocks),
         keys_loaded=len(tensors),

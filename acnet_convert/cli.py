@@ -516,6 +516,11 @@ _VERIFY_ROWS = 12
     default=None,
     help="Also write the result as JUnit XML to this file, for CI.",
 )
+@click.option(
+    "--allow-extra",
+    is_flag=True,
+    help="Pass although FUSED holds tensors that TRAIN does not explain (block mode).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No notes or summary on stderr.")
 @_trust_option
 @_json_option
@@ -538,6 +543,7 @@ def verify(
     rtol: float | None,
     atol: float,
     junit: Path | None,
+    allow_extra: bool,
     quiet: bool,
     trust_pickle: bool,
     as_json: bool,
@@ -590,6 +596,7 @@ def verify(
             rtol=rtol,
             atol=atol,
             trust_pickle=trust_pickle,
+            allow_extra=allow_extra,
         )
         if quiet or not err.is_terminal:
             result = verify_checkpoints(train, fused, options)
@@ -611,7 +618,8 @@ def verify(
         _render_verify(result, _stdout())
     if result.passed and not quiet:
         checks = result.checks()
-        worst = max((*result.cases, *result.block_checks), key=lambda c: c.max_rel, default=None)
+        numeric = [c for c in (*result.cases, *result.block_checks) if c.max_rel == c.max_rel]
+        worst = max(numeric, key=lambda c: c.max_rel, default=None)
         figure = f", max_rel {worst.max_rel:.3g}" if worst is not None else ""
         err.print(
             f"verified: {_escape(str(fused))} computes what {_escape(str(train))} computes "

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from acnet_convert.blocks import BranchGeometry
 from acnet_convert.checkpoint import TensorInfo, open_checkpoint
-from acnet_convert.errors import ACNetConvertError, UnfusableBlockError, UsageError
+from acnet_convert.errors import ACNetConvertError, NoBlockFound, UnfusableBlockError, UsageError
 from acnet_convert.plan import FuseOptions, FusionPlan, plan_fusion
 
 __all__ = ["Inspection", "inspect_checkpoint", "render_inspection"]
@@ -36,6 +37,7 @@ class Inspection:
     def as_json(self) -> dict[str, Any]:
         plan = self.plan
         return {
+            "schema": 1,
             "path": self.path,
             "format": self.format,
             "container": self.container,
@@ -53,13 +55,16 @@ class Inspection:
                 "params_after_fusing": plan.params_after if plan else None,
                 "bytes_after_fusing": plan.bytes_after if plan else None,
             },
-            "dialect": plan.dialect.name if plan else None,
+            "dialect": plan.dialect_names if plan else None,
             "blocks": [
                 {
                     "block": b.spec.label,
-                    "kernel": [b.geometry.kernel, b.geometry.kernel],
-                    "hor": list(b.geometry.hor),
-                    "ver": list(b.geometry.ver),
+                    "family": b.spec.family,
+                    "kernel": [b.geometry.kh, b.geometry.kw],
+                    "hor": list(b.geometry.hor) if b.geometry.hor else None,
+                    "ver": list(b.geometry.ver) if b.geometry.ver else None,
+                    "groups": b.geometry.groups,
+                    "branches": [x.as_json() for x in b.geometry.branches],
                     "out_channels": b.geometry.out_channels,
                     "in_per_group": b.geometry.in_per_group,
                     "dtype": b.geometry.dtype,
@@ -93,9 +98,10 @@ def inspect_checkpoint(
         problem: ACNetConvertError | None = None
         try:
             plan = plan_fusion(reader, options)
+        except NoBlockFound:
+            pass
         except UnfusableBlockError as err:
-            if "no ACNet block found" not in str(err):
-                problem = err
+            problem = err
         return Inspection(
             path=str(path),
             format=reader.format,
@@ -119,6 +125,11 @@ def _shown(text: str) -> str:
 
 def _shape(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def _branch_text(branch: BranchGeometry) -> str:
+    size = f"{branch.kernel[0]}x{branch.kernel[1]}"
+    return size if branch.kind == "conv" else f"{branch.kind} {size}"
 
 
 def render_inspection(result: Inspection, console: Any) -> None:
@@ -148,17 +159,16 @@ def render_inspection(result: Inspection, console: Any) -> None:
         console.print(f"total: {params:,} parameters, {nbytes:,} bytes")
         return
     blocks = Table(
-        title=f"{len(plan.blocks)} blocks ({plan.dialect.name} dialect, eps {plan.eps:g})"
+        title=f"{len(plan.blocks)} blocks ({plan.dialect_names} dialect, eps {plan.eps:g})"
     )
-    for col in ("block", "kernel", "1xk", "kx1", "channels", "last_bn", "affine", "becomes"):
+    for col in ("block", "kernel", "branches", "channels", "last_bn", "affine", "becomes"):
         blocks.add_column(col, overflow="fold")
     for b in plan.blocks:
         g = b.geometry
         blocks.add_row(
             _shown(b.spec.label),
-            f"{g.kernel}x{g.kernel}",
-            f"{g.hor[0]}x{g.hor[1]}",
-            f"{g.ver[0]}x{g.ver[1]}",
+            f"{g.kh}x{g.kw}",
+            _shown(", ".join(_branch_text(x) for x in g.branches[1:])),
             f"{g.in_per_group}->{g.out_channels}",
             "yes" if g.has_last_bn else "no",
             "yes" if g.affine else "no",

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from acnet_convert.dialects import (
-    BUILTIN_DIALECTS,
+    ALL_DIALECTS,
     GENERIC,
     BNNames,
     BranchNames,
@@ -128,7 +128,7 @@ def parse_patterns(text: str, source: str = "<patterns>") -> list[Dialect]:
         tables = [tables]
     if not isinstance(tables, list) or not tables:
         raise UsageError(f"{source}: no [[dialect]] table found; see examples/patterns.toml")
-    taken = {d.name for d in (*BUILTIN_DIALECTS, GENERIC)}
+    taken = {d.name for d in (*ALL_DIALECTS, GENERIC)}
     dialects: list[Dialect] = []
     for index, table in enumerate(tables):
         dialect = _Parser(source, index).dialect(table)

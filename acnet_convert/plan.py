@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from acnet_convert.blocks import BlockGeometry, block_geometry
 from acnet_convert.checkpoint import CheckpointReader, TensorInfo
 from acnet_convert.checkpoint.rawio import array_bytes
-from acnet_convert.dialects import BlockSpec, Dialect, find_blocks
-from acnet_convert.errors import UnfusableBlockError, UsageError
+from acnet_convert.dialects import FAMILIES, BlockSpec, Dialect, find_blocks
+from acnet_convert.errors import NoBlockFound, UnfusableBlockError, UsageError
 
 __all__ = [
     "LAYOUTS",
@@ -80,6 +80,14 @@ class FusionPlan:
     bytes_after: int
     # (alias label, alias dialect, primary label): blocks whose keys are dropped as a second naming
     dropped_aliases: tuple[tuple[str, str, str], ...] = ()
+    # BN running-mean key -> the epsilon the file declares for it (used unless --eps is given)
+    bn_eps: Mapping[str, float] = field(default_factory=dict)
+    dialects: tuple[Dialect, ...] = ()
+
+    @property
+    def dialect_names(self) -> str:
+        """The dialects used, joined with '+' for a checkpoint mixing families."""
+        return "+".join(dict.fromkeys(d.name for d in (self.dialects or (self.dialect,))))
 
 
 def _unit_prefix(spec: BlockSpec) -> str:
@@ -118,9 +126,9 @@ def _rename(key: str, renames: Sequence[tuple[str, str]]) -> str:
 
 
 def _output_info(key: str, role: str, geometry: BlockGeometry, layout: str) -> TensorInfo:
-    k, o, i = geometry.kernel, geometry.out_channels, geometry.in_per_group
+    kh, kw, o, i = geometry.kh, geometry.kw, geometry.out_channels, geometry.in_per_group
     if role == "weight":
-        shape = (k, k, i, o) if layout == "HWIO" else (o, i, k, k)
+        shape = (kh, kw, i, o) if layout == "HWIO" else (o, i, kh, kw)
         return TensorInfo(key, geometry.dtype, shape)
     if role == "bn_count":
         return TensorInfo(key, "int64", ())
@@ -144,9 +152,10 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
     except UnfusableBlockError as err:
         raise UnfusableBlockError(f"{source}: {err}") from err
     if detection.dialect is None or not detection.blocks:
-        raise UnfusableBlockError(
+        raise NoBlockFound(
             f"{source}: no ACNet block found among {len(infos)} tensors (no key like "
-            "'<prefix>.square_conv.weight'); it may be fused already. "
+            "'<prefix>.square_conv.weight'), nor a block of another family "
+            f"({', '.join(FAMILIES[1:])}); it may be fused already, or plain. "
             "Try 'acnet-convert inspect' to see its keys"
         )
     dialect = detection.dialect
@@ -164,7 +173,8 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
         if not dropped_alias.copy:
             owner.update(dict.fromkeys(dropped_alias.block.keys(), _DROPPED))
     for spec in detection.blocks:
-        geometry = block_geometry(spec, infos, source, dialect.kernel_layout)
+        own = detection.dialect_of(spec)
+        geometry = block_geometry(spec, infos, source, own.kernel_layout, own.validate)
         for key in spec.keys():  # noqa: SIM118 - BlockSpec.keys(), not a dict
             if key in owner:
                 raise UnfusableBlockError(
@@ -236,6 +246,8 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
         bytes_before=sum(t.nbytes for k, t in infos.items()),
         bytes_after=sum(t.nbytes for t in renamed),
         dropped_aliases=tuple(dropped),
+        bn_eps={} if options.eps is not None else dict(getattr(reader, "bn_epsilons", None) or {}),
+        dialects=detection.dialects,
     )
 
 

@@ -32,9 +32,11 @@ if TYPE_CHECKING:
 __all__ = [
     "ARCHS",
     "FORMS",
+    "ArchRow",
     "ArchSpec",
     "Form",
     "arch_keys",
+    "arch_rows",
     "build_arch",
     "check_form",
     "match_arch",
@@ -139,6 +141,32 @@ ARCHS: dict[str, ArchSpec] = {
         ),
     )
 }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ArchRow:
+    """A built-in architecture as ``verify --list-archs`` shows it."""
+
+    name: str
+    description: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+        }
+
+
+def arch_rows() -> list[ArchRow]:
+    """Every built-in architecture, in the registry's order."""
+    return [
+        ArchRow(name, spec.description, tuple(spec.input_shape), int(spec.num_classes))
+        for name, spec in ARCHS.items()
+    ]
 
 
 def _spec(name: str) -> ArchSpec:

@@ -1,0 +1,315 @@
+"""Block mode: every block rebuilt from TRAIN on its own and compared with FUSED's fused conv."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from acnet_convert import dtypes
+from acnet_convert.blockcheck import check_block
+from acnet_convert.blocks import from_layout, load_block
+from acnet_convert.checkpoint import CheckpointReader
+from acnet_convert.errors import (
+    BadCheckpointError,
+    UnfusableBlockError,
+    UsageError,
+)
+from acnet_convert.fusion import BNStats, compare_outputs, fold_bn
+from acnet_convert.plan import LAYOUTS, FuseOptions, FusionPlan, PlannedBlock, plan_fusion
+from acnet_convert.verify.options import _SHOW_KEYS, VerifyOptions
+from acnet_convert.verify.results import CaseResult, VerifyResult
+
+__all__ = []
+
+
+def _plan_for(
+    train: CheckpointReader, fused_keys: Mapping[str, object], options: VerifyOptions
+) -> tuple[FusionPlan, str]:
+    """Plan the fusion of TRAIN in FUSED's layout (found from FUSED's keys for ``auto``)."""
+
+    def fuse_options(layout: str) -> FuseOptions:
+        return FuseOptions(layout=layout, dialect=options.dialect, eps=options.eps)
+
+    if options.layout != "auto":
+        return plan_fusion(train, fuse_options(options.layout)), options.layout
+    best: tuple[int, FusionPlan, str] | None = None
+    for layout in LAYOUTS:
+        try:
+            plan = plan_fusion(train, fuse_options(layout))
+        except (UsageError, UnfusableBlockError):
+            if layout == "deploy":
+                raise
+            continue  # e.g. a dialect with no baseline layout
+        wanted = _required_outputs(plan)
+        present = sum(k in fused_keys for k in wanted)
+        if present == len(wanted):
+            return plan, layout
+        if best is None or present > best[0]:
+            best = (present, plan, layout)
+    if best is None:  # pragma: no cover - the deploy layout always plans or raises
+        raise UnfusableBlockError(f"{train.path}: no layout fits")
+    return best[1], best[2]
+
+
+def _required_outputs(plan: FusionPlan) -> list[str]:
+    return [key for block in plan.blocks for key, role in block.outputs if role != "bn_count"]
+
+
+def _fused_values(
+    block: PlannedBlock, fused: CheckpointReader, plan: FusionPlan, layout: str, auto: bool
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """The fused conv of ``block`` as FUSED stores it: float64 OIHW kernel, bias, dtype."""
+    expected = {t.name: t for t in plan.outputs}
+    values: dict[str, np.ndarray] = {}
+    stored = "float64"
+    for key, role in block.outputs:
+        if role == "bn_count":
+            continue
+        info = fused.tensors.get(key)
+        if info is None:
+            how = (
+                "no layout (deploy, baseline, baseline-bias) explains FUSED's keys."
+                if auto
+                else f"is FUSED in another layout than --layout {layout}?"
+            )
+            raise BadCheckpointError(
+                f"{fused.path}: '{key}', the fused {role} of block '{block.spec.label}', "
+                "is missing; "
+                f"{how} Was it written with --rename, or from another checkpoint? "
+                f"Try 'acnet-convert inspect {fused.path}'"
+            )
+        want = expected[key].shape
+        if info.shape != want:
+            raise BadCheckpointError(
+                f"{fused.path}: '{key}' (block '{block.spec.label}') has shape {list(info.shape)}, "
+                f"expected {list(want)} from TRAIN's block; was FUSED made from another checkpoint?"
+            )
+        if info.dtype not in dtypes.FLOAT_DTYPES:
+            raise BadCheckpointError(
+                f"{fused.path}: '{key}' (block '{block.spec.label}') has dtype {info.dtype}; "
+                "fused weights must be floating point"
+            )
+        if role == "weight":
+            stored = info.dtype
+        values[role] = dtypes.to_float64(fused.read(key), info.dtype)
+    weight = np.ascontiguousarray(from_layout(values["weight"], plan.dialect.kernel_layout))
+    if layout == "baseline":
+        bn = BNStats(
+            mean=values["bn_mean"],
+            var=values["bn_var"],
+            weight=values["bn_weight"],
+            bias=values["bias"],
+            eps=plan.eps,
+        )
+        with np.errstate(invalid="ignore", divide="ignore"):
+            weight, bias = fold_bn(weight, None, bn)
+        return weight, bias, stored
+    return weight, values["bias"], stored
+
+
+def _block_cases(
+    train: CheckpointReader, fused: CheckpointReader, options: VerifyOptions, rtol: float
+) -> tuple[str, list[CaseResult], list[str]]:
+    """Check every block (and the copied tensors) on its own; returns layout, cases, notes."""
+    plan, layout = _plan_for(train, fused.tensors, options)
+    rng = np.random.default_rng(options.seed)
+    cases: list[CaseResult] = []
+    for block in plan.blocks:
+        began = time.perf_counter()
+        tensors = load_block(
+            block.spec, train.tensors, train.read, plan.eps, plan.source, plan.dialect.kernel_layout
+        )
+        weight, bias, stored = _fused_values(block, fused, plan, layout, options.layout == "auto")
+        check = check_block(
+            tensors,
+            weight,
+            bias,
+            stored_dtype=stored,
+            rng=rng,
+            batch=options.batch,
+            compute_dtype=options.dtype,
+        )
+        c = check.comparison
+        cases.append(
+            CaseResult(
+                name=block.spec.label,
+                kind="block",
+                passed=c.within(rtol, options.atol),
+                max_abs=c.max_abs,
+                max_rel=c.max_rel,
+                cosine=c.cosine,
+                ref_max=c.ref_max,
+                allowed=options.atol + rtol * c.ref_max,
+                within_rounding=check.within_rounding,
+                seconds=time.perf_counter() - began,
+            )
+        )
+    copied, notes = _copied_case(train, fused, plan, options, rtol)
+    if copied is not None:
+        cases.append(copied)
+    cases.extend(_accounting_cases(fused, plan, options))
+    return layout, cases, notes
+
+
+def _accounting_cases(
+    fused: CheckpointReader, plan: FusionPlan, options: VerifyOptions
+) -> list[CaseResult]:
+    """FUSED must hold every tensor ``fuse`` would have copied, and (without
+    ``allow_extra``) nothing TRAIN does not explain: a fused file with a layer
+    left out, or with weights from elsewhere, is not what ``fuse`` wrote."""
+    explained = set(plan.origins) | {k for b in plan.blocks for k, _ in b.outputs}
+    missing = [out for out in plan.origins if out not in fused.tensors]
+    extra = [k for k in fused.tensors if k not in explained]
+    cases = []
+    if missing:
+        cases.append(
+            _listing_case(
+                "missing",
+                f"missing from FUSED ({len(missing)})",
+                missing,
+                "FUSED lacks tensors that fusing copies from TRAIN unchanged",
+                passed=False,
+            )
+        )
+    if extra:
+        allowed = "allowed by --allow-extra" if options.allow_extra else "--allow-extra allows them"
+        cases.append(
+            _listing_case(
+                "extra",
+                f"extra in FUSED ({len(extra)})",
+                extra,
+                f"FUSED holds tensors that TRAIN does not explain ({allowed})",
+                passed=options.allow_extra,
+            )
+        )
+    return cases
+
+
+def _listing_case(kind: str, name: str, keys: list[str], what: str, passed: bool) -> CaseResult:
+    shown = ", ".join(repr(k) for k in keys[:_SHOW_KEYS])
+    more = f" and {len(keys) - _SHOW_KEYS} more" if len(keys) > _SHOW_KEYS else ""
+    nan = math.nan
+    return CaseResult(
+        name=name,
+        kind=kind,
+        passed=passed,
+        max_abs=nan,
+        max_rel=nan,
+        cosine=nan,
+        ref_max=nan,
+        allowed=nan,
+        detail=f"{what}: {shown}{more}",
+    )
+
+
+def _copied_case(
+    train: CheckpointReader,
+    fused: CheckpointReader,
+    plan: FusionPlan,
+    options: VerifyOptions,
+    rtol: float,
+) -> tuple[CaseResult | None, list[str]]:
+    """Compare the tensors ``fuse`` copies unchanged (classifier, stem, other BNs)."""
+    began = time.perf_counter()
+    notes: list[str] = []
+    present = [(out, src) for out, src in plan.origins.items() if out in fused.tensors]
+    if not present:
+        return None, notes
+    worst: tuple[float, str, float, float, float] | None = None  # ratio, key, abs, ref, allowed
+    differing: list[str] = []
+    cosine = 1.0
+    for out, src in present:
+        a_info, b_info = train.tensors[src], fused.tensors[out]
+        a, b = train.read(src), fused.read(out)
+        if a_info.shape != b_info.shape:
+            shapes = f"{list(b_info.shape)} in FUSED, {list(a_info.shape)} in TRAIN"
+            differing.append(f"'{out}' has shape {shapes}")
+            worst = (math.inf, out, math.inf, 0.0, 0.0)
+            continue
+        if a_info.dtype == b_info.dtype and np.array_equal(a, b):
+            continue  # copied bit for bit, as fuse does
+        if a_info.dtype not in dtypes.FLOAT_DTYPES or b_info.dtype not in dtypes.FLOAT_DTYPES:
+            differing.append(f"'{out}' ({a_info.dtype} in TRAIN, {b_info.dtype} in FUSED) differs")
+            worst = (math.inf, out, math.inf, 0.0, 0.0)
+            continue
+        c = compare_outputs(dtypes.to_float64(a, a_info.dtype), dtypes.to_float64(b, b_info.dtype))
+        allowed = options.atol + rtol * c.ref_max
+        ratio = c.max_abs / allowed if allowed > 0 else (0.0 if c.max_abs == 0 else math.inf)
+        if not c.within(rtol, options.atol):
+            differing.append(f"'{out}' (max_abs {c.max_abs:.3g})")
+        if worst is None or ratio > worst[0]:
+            worst = (ratio, out, c.max_abs, c.ref_max, allowed)
+        cosine = min(cosine, c.cosine)
+    if worst is None:
+        worst = (0.0, "", 0.0, 0.0, options.atol)
+    _, key, max_abs, ref_max, allowed = worst
+    detail = (
+        f"{len(differing)} differ: {'; '.join(differing[:_SHOW_KEYS])}"
+        if differing
+        else f"worst: '{key}'"
+        if key
+        else ""
+    )
+    return (
+        CaseResult(
+            name=f"copied tensors ({len(present)})",
+            kind="tensors",
+            passed=not differing,
+            max_abs=max_abs,
+            max_rel=max_abs / ref_max if ref_max > 0 else (0.0 if max_abs == 0 else math.inf),
+            cosine=cosine,
+            ref_max=ref_max,
+            allowed=allowed,
+            detail=detail,
+            seconds=time.perf_counter() - began,
+        ),
+        notes,
+    )
+
+
+def _verify_blocks(
+    train: CheckpointReader,
+    fused: CheckpointReader,
+    options: VerifyOptions,
+    rtol: float,
+    notes: list[str],
+    started: float,
+    device: str,
+) -> VerifyResult:
+    if options.device not in ("auto", "cpu"):
+        notes.append(
+            f"block mode runs in numpy on the CPU; --device {options.device} only applies "
+            "to a network"
+        )
+    if options.input_shape is not None:
+        notes.append(
+            "block mode feeds each block its own random input; --input-shape only applies "
+            "to a network"
+        )
+    layout, cases, more = _block_cases(train, fused, options, rtol)
+    return VerifyResult(
+        train=str(train.path),
+        fused=str(fused.path),
+        mode="blocks",
+        arch=None,
+        arch_detected=False,
+        model=None,
+        layout=layout,
+        device="cpu",
+        dtype=options.dtype,
+        rtol=rtol,
+        atol=options.atol,
+        seed=options.seed,
+        batch=options.batch,
+        input="random",
+        input_shape=None,
+        cases=tuple(cases),
+        notes=(*notes, *more),
+        seconds=time.perf_counter() - started,
+    )
+
+
+# --------------------------------------------------------------------------- network mode

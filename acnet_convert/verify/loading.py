@@ -1,0 +1,288 @@
+"""Both nets of a network mode, built and loaded strictly with TRAIN and FUSED."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from acnet_convert.checkpoint import CheckpointReader
+from acnet_convert.errors import (
+    ACNetConvertError,
+    BadCheckpointError,
+)
+from acnet_convert.fusion import BNStats, fold_bn
+from acnet_convert.plan import FuseOptions, plan_fusion
+from acnet_convert.verify.archs import _arch_spec
+from acnet_convert.verify.blockmode import _required_outputs
+from acnet_convert.verify.factories import _call_factory, _load_factory, _takes_deploy
+from acnet_convert.verify.options import _SHOW_KEYS, VerifyOptions
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = []
+
+
+# Keys that never change what a net computes in eval mode: BN step counters, and
+# the channel-width table upstream's hdf5 files carry beside the weights.
+_COUNTER_SUFFIX = "num_batches_tracked"
+_NON_WEIGHT_KEYS = frozenset({"deps"})
+
+
+def _state_dict(reader: CheckpointReader) -> dict[str, torch.Tensor]:
+    """A reader's tensors as torch tensors on the CPU (bfloat16 from its bit patterns)."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    for name, info in reader.tensors.items():
+        array = np.array(reader.read(name))  # a writable copy: readers may hand out file views
+        tensor = torch.from_numpy(array)
+        out[name] = tensor.view(torch.bfloat16) if info.dtype == "bfloat16" else tensor
+    return out
+
+
+def _describe_keys(keys: Sequence[str]) -> str:
+    shown = ", ".join(f"'{k}'" for k in keys[:_SHOW_KEYS])
+    return shown + (f" and {len(keys) - _SHOW_KEYS} more" if len(keys) > _SHOW_KEYS else "")
+
+
+def _key_misfit(net: nn.Module, given: Mapping[str, object]) -> tuple[list[str], list[str]]:
+    """Keys the net needs that ``given`` lacks, and keys ``given`` has that the net does not."""
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in given and not k.endswith(_COUNTER_SUFFIX)]
+    unexpected = [k for k in given if k not in expected and k not in _NON_WEIGHT_KEYS]
+    return missing, unexpected
+
+
+def _load_strict(
+    net: nn.Module, state: Mapping[str, torch.Tensor], path: str, what: str, hint: str
+) -> None:
+    """``load_state_dict(strict=True)`` with a message naming the keys that do not fit.
+
+    BN step counters may be absent (they do not change an eval-mode forward) and
+    upstream's ``deps`` table is ignored.
+    """
+    missing, unexpected = _key_misfit(net, state)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(
+                f"{len(missing)} key(s) the net needs are missing: {_describe_keys(missing)}"
+            )
+        if unexpected:
+            parts.append(
+                f"{len(unexpected)} key(s) the net does not have: {_describe_keys(unexpected)}"
+            )
+        raise BadCheckpointError(f"{path}: does not fit {what}: {'; '.join(parts)}; {hint}")
+    expected = net.state_dict()
+    for key, value in state.items():
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+            raise BadCheckpointError(
+                f"{path}: '{key}' has shape {list(value.shape)} but {what} needs "
+                f"{list(expected[key].shape)}; {hint}"
+            )
+    full = {k: state.get(k, v) for k, v in expected.items()}
+    try:
+        net.load_state_dict(full, strict=True)
+    except RuntimeError as err:  # dtype oddities; the shapes were checked above
+        raise BadCheckpointError(f"{path}: cannot be loaded into {what}: {err}") from err
+
+
+def _set_eps(net: nn.Module, eps: float | None) -> None:
+    if eps is None:
+        return
+    from torch import nn
+
+    for module in net.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eps = eps
+
+
+def _to_deploy_keys(
+    train: CheckpointReader, fused_state: Mapping[str, torch.Tensor], options: VerifyOptions
+) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """FUSED in the baseline or baseline-bias layout, rewritten as ``<p>.fused_conv.*``
+    (the baseline's identity BN folded into the conv), or None where neither fits."""
+    import torch
+
+    layouts = ("baseline", "baseline-bias") if options.layout == "auto" else (options.layout,)
+    for layout in layouts:
+        if layout == "deploy":
+            continue
+        try:
+            plan = plan_fusion(
+                train, FuseOptions(layout=layout, dialect=options.dialect, eps=options.eps)
+            )
+        except ACNetConvertError:
+            continue
+        if not all(k in fused_state for k in _required_outputs(plan)):
+            continue
+        state = dict(fused_state)
+        for block in plan.blocks:
+            values = {role: state.pop(key) for key, role in block.outputs if key in state}
+            f64 = {
+                role: v.to(torch.float64).numpy()
+                for role, v in values.items()
+                if role != "bn_count"
+            }
+            weight, bias = f64["weight"], f64["bias"]
+            if layout == "baseline":
+                bn = BNStats(f64["bn_mean"], f64["bn_var"], f64["bn_weight"], f64["bias"], plan.eps)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    weight, bias = fold_bn(weight, None, bn)
+            state[block.spec.fused_weight] = torch.from_numpy(np.ascontiguousarray(weight))
+            state[block.spec.fused_bias] = torch.from_numpy(np.ascontiguousarray(bias))
+        return layout, state
+    return None
+
+
+@dataclass
+class _Nets:
+    train: nn.Module
+    deployed: nn.Module
+    layout: str
+    default_shape: tuple[int, ...] | None
+    label: str
+    notes: list[str]
+
+
+def _build_nets(
+    train: CheckpointReader,
+    fused: CheckpointReader,
+    options: VerifyOptions,
+    arch: str | None,
+    dtype: torch.dtype,
+) -> _Nets:
+    """Both nets, in ``dtype`` on the CPU, with TRAIN and FUSED loaded strictly."""
+    from acnet_convert.nn import switch_to_deploy
+
+    notes: list[str] = []
+    train_state = _state_dict(train)
+    fused_state = _state_dict(fused)
+    deploy_forms: list[tuple[str, Callable[[], nn.Module]]]
+    if arch is not None:
+        from acnet_convert import zoo
+
+        spec = _arch_spec(arch)
+        label = f"the built-in architecture '{arch}'"
+        train_net = zoo.build_arch(arch, "train")
+        default_shape: tuple[int, ...] | None = tuple(spec.input_shape)
+        deploy_forms = [
+            ("deploy", lambda: zoo.build_arch(arch, "deploy")),
+            ("baseline", lambda: zoo.build_arch(arch, "baseline")),
+        ]
+        train_hint = "is --arch right? Without --arch, verify checks block by block"
+    else:
+        model = options.model or ""
+        factory = _load_factory(model)
+        kwargs = dict(options.model_args)
+        label = f"the model from --model '{model}'"
+        train_net = _call_factory(factory, model, kwargs)
+        default_shape = None
+        train_hint = "does --model build the network TRAIN was trained with (check --model-arg)?"
+        if _takes_deploy(factory):
+            deploy_forms = [
+                ("deploy", lambda: _call_factory(factory, model, {**kwargs, "deploy": True}))
+            ]
+        else:
+
+            def derived() -> nn.Module:
+                net = copy.deepcopy(train_net)
+                report = switch_to_deploy(net)
+                if report.count == 0:
+                    notes.append(
+                        "the model has no block (no module with square_conv, hor_conv "
+                        "and ver_conv); "
+                        "its deployed form is the model itself"
+                    )
+                return net
+
+            deploy_forms = [("deploy", derived)]
+
+    fused_keys = [k for k in train_state if k.endswith("fused_conv.weight")]
+    if fused_keys and not any("square" in k for k in train_state):
+        raise BadCheckpointError(
+            f"{train.path}: holds fused weights (e.g. '{fused_keys[0]}'), not training-time "
+            "branches; give the training checkpoint first: verify TRAIN FUSED"
+        )
+    train_net.to(dtype=dtype)
+    _set_eps(train_net, options.eps)
+    _load_strict(train_net, train_state, str(train.path), f"{label} (training form)", train_hint)
+
+    wanted = options.layout
+    built: dict[str, nn.Module] = {}
+
+    def form_net(form: str) -> nn.Module:
+        if form not in built:
+            built[form] = dict(deploy_forms)[form]()
+        return built[form]
+
+    forms = [form for form, _ in deploy_forms]
+    for form in forms if wanted == "auto" else [f for f in forms if f == wanted]:
+        if not any(_key_misfit(form_net(form), fused_state)):
+            return _finish(
+                train_net,
+                form_net(form),
+                form,
+                form,
+                default_shape,
+                label,
+                notes,
+                fused_state,
+                fused,
+                options,
+                dtype,
+            )
+    rewritten = _to_deploy_keys(train, fused_state, options) if wanted != "deploy" else None
+    if rewritten is not None and not any(_key_misfit(form_net("deploy"), rewritten[1])):
+        layout, state = rewritten
+        notes.append(f"FUSED is in the {layout} layout; its convs were loaded into the deploy form")
+        return _finish(
+            train_net,
+            form_net("deploy"),
+            "deploy",
+            layout,
+            default_shape,
+            label,
+            notes,
+            state,
+            fused,
+            options,
+            dtype,
+        )
+    closest = min(forms, key=lambda f: sum(len(x) for x in _key_misfit(form_net(f), fused_state)))
+    _load_strict(
+        form_net(closest),
+        fused_state,
+        str(fused.path),
+        f"{label} ({' or '.join(forms)} form)",
+        "was FUSED fused from TRAIN, without --rename? Without --arch/--model, verify checks "
+        "it block by block",
+    )
+    raise AssertionError("unreachable: _load_strict raises on a misfit")  # pragma: no cover
+
+
+def _finish(
+    train_net: nn.Module,
+    deployed: nn.Module,
+    form: str,
+    layout: str,
+    default_shape: tuple[int, ...] | None,
+    label: str,
+    notes: list[str],
+    state: Mapping[str, torch.Tensor],
+    fused: CheckpointReader,
+    options: VerifyOptions,
+    dtype: torch.dtype,
+) -> _Nets:
+    deployed.to(dtype=dtype)
+    _set_eps(deployed, options.eps)
+    _load_strict(
+        deployed, state, str(fused.path), f"{label} ({form} form)", "was FUSED fused from TRAIN?"
+    )
+    return _Nets(train_net, deployed, layout, default_shape, label, notes)
