@@ -422,7 +422,8 @@ def _fuse_one(
     bias = np.empty(g.out_channels)
     checks: list[BlockCheck] = []
     layout = plan.dialect.kernel_layout
-    slabs = _block_slabs(reader, block, plan.eps, plan.source, layout, plan.bn_eps)
+    eps = block.eps if block.eps is not None else plan.eps
+    slabs = _block_slabs(reader, block, eps, plan.source, layout, plan.bn_eps)
     for rows, tensors in slabs:
         w, b = fuse_block(tensors)
         stored = dtypes.from_float64(w, g.dtype)
@@ -544,7 +545,8 @@ def _fuse_blocks(
             kernel = np.empty(oihw.shape, dtypes.numpy_dtype(g.dtype))
             put_rows = kernel.__setitem__
         bias, count, checked = _fuse_one(reader, plan, block, put_rows, rng)
-        for key, value in _block_values(block, kernel, bias, plan.eps, layout, count).items():
+        eps = block.eps if block.eps is not None else plan.eps
+        for key, value in _block_values(block, kernel, bias, eps, layout, count).items():
             into.put(key, value)
         if checked is not None and not checked.passed:
             failures.append(f"'{block.spec.label}' (max relative difference {checked.max_rel:.3g})")

@@ -391,6 +391,6 @@ def find_blocks(
     if not found:
         return Detection(candidates[0] if dialect else None, ())
     families: dict[str, list[tuple[Dialect, list[BlockSpec]]]] = {}
-    for d, b in found:
-        families.setdefault(d.family, []).append((d, b))
+    for d, b in found:  # alternative namings compete; block types of their own do not
+        families.setdefault(d.family if d.exclusive else f"{d.family}/{d.name}", []).append((d, b))
     return _merge([_one_family(group, same) for group in families.values()], order)

@@ -83,9 +83,12 @@ class Dialect:
     the source's value (PaddleClas names the BN of conv ``res2a_branch2b``
     ``bn2a_branch2b``). ``label`` says how a block is shown to people.
     ``square`` is the primary branch (its kernel is the target's), ``branches``
-    the others (N of them, any kind). ``family`` groups dialects: within a
-    family only one dialect explains a checkpoint; blocks of different
-    families may be mixed. ``requires_any``: key templates of which one must
+    the others (N of them, any kind). ``family`` groups dialects; blocks of
+    different families may be mixed in one checkpoint. ``exclusive``
+    dialects are alternative namings of one block (ACNet's ports): of a
+    family's exclusive dialects only one explains a checkpoint (the others
+    may only find aliases); a non-exclusive dialect names a block type of
+    its own (timm's RepVggBlock and MobileOneBlock live side by side). ``requires_any``: key templates of which one must
     exist for the anchor to claim a block (mmcv's ``conv_kxk`` also anchors
     timm's blocks). ``validate`` is the family's own geometry rule, called
     with the block's :class:`~acnet_convert.blocks.BlockGeometry`; it returns
@@ -110,6 +113,7 @@ class Dialect:
     kernel_layout: str = "OIHW"
     default_eps: float = 1e-5
     family: str = "acnet"
+    exclusive: bool = True
     requires_any: tuple[str, ...] = ()
     validate: Callable[[Any], str | None] | None = field(default=None, compare=False)
 

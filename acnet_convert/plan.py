@@ -58,6 +58,7 @@ class PlannedBlock:
     geometry: BlockGeometry
     outputs: tuple[tuple[str, str], ...]  # (output key, role)
     alias_of: str | None = None  # label of the block whose fused tensors this one repeats
+    eps: float | None = None  # this block's BN epsilon (its family's default, or --eps)
 
     @property
     def consumed(self) -> tuple[str, ...]:
@@ -189,6 +190,7 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
                 geometry,
                 _layout_outputs(options.layout, spec),
                 alias_of=alias.primary.label if alias else None,
+                eps=options.eps if options.eps is not None else own.default_eps,
             )
         )
 
@@ -236,6 +238,7 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
                 b.geometry,
                 tuple((_rename(k, options.renames), r) for k, r in b.outputs),
                 b.alias_of,
+                b.eps,
             )
             for b in planned
         ),

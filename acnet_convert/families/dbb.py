@@ -55,6 +55,7 @@ DIALECTS = (
     Dialect(
         name="dbb",
         family="dbb",
+        exclusive=False,
         description="DiverseBranchBlock (ACNet v2): dbb_origin, dbb_1x1, dbb_avg, "
         "dbb_1x1_kxk (idconv1 or conv1, bn1, conv2, bn2); fused: dbb_reparam",
         anchor=TORCH_PREFIX + r"dbb_origin\.conv\.weight",

@@ -18,6 +18,7 @@ DIALECTS = (
     Dialect(
         name="mobileone",
         family="mobileone",
+        exclusive=False,
         description="MobileOne: rbr_conv.{i} (.conv + .bn), rbr_scale, rbr_skip (BN); "
         "fused: reparam_conv",
         anchor=TORCH_PREFIX + r"rbr_conv\.0\.conv\.weight",

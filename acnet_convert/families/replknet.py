@@ -15,6 +15,7 @@ DIALECTS = (
     Dialect(
         name="replknet",
         family="replknet",
+        exclusive=False,
         description="RepLKNet ReparamLargeKernelConv: lkb_origin, small_conv (.conv + .bn); "
         "fused: lkb_reparam",
         anchor=TORCH_PREFIX + r"lkb_origin\.conv\.weight",

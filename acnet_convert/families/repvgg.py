@@ -17,6 +17,7 @@ DIALECTS = (
     Dialect(
         name="repvgg",
         family="repvgg",
+        exclusive=False,
         description="RepVGG / YOLOv6 RepVGGBlock: rbr_dense, rbr_1x1 (.conv + .bn), "
         "rbr_identity (BN); fused: rbr_reparam",
         anchor=TORCH_PREFIX + r"rbr_dense\.conv\.weight",

@@ -22,6 +22,7 @@ DIALECTS = (
     Dialect(
         name="timm-repvgg",
         family="timm",
+        exclusive=False,
         description="timm ByobNet RepVggBlock: conv_kxk, conv_1x1 (.conv + .bn), identity (BN); "
         "fused: reparam_conv",
         anchor=TORCH_PREFIX + r"conv_kxk\.conv\.weight",
@@ -35,6 +36,7 @@ DIALECTS = (
     Dialect(
         name="timm-mobileone",
         family="timm",
+        exclusive=False,
         description="timm ByobNet MobileOneBlock: conv_kxk.{i}, conv_scale (.conv + .bn), "
         "identity (BN); fused: reparam_conv",
         anchor=TORCH_PREFIX + r"conv_kxk\.0\.conv\.weight",

@@ -120,7 +120,13 @@ def _block_cases(
     for block in plan.blocks:
         began = time.perf_counter()
         tensors = load_block(
-            block.spec, train.tensors, train.read, plan.eps, plan.source, plan.dialect.kernel_layout
+            block.spec,
+            train.tensors,
+            train.read,
+            block.eps if block.eps is not None else plan.eps,
+            plan.source,
+            plan.dialect.kernel_layout,
+            bn_eps=plan.bn_eps,
         )
         weight, bias, stored = _fused_values(block, fused, plan, layout, options.layout == "auto")
         check = check_block(
