@@ -68,9 +68,12 @@ def _naming_options(fn: F) -> F:
         help="TOML file defining extra naming dialects (see README).",
     )(fn)
     return click.option(
+        "--family",
         "--dialect",
+        "dialect",
         default=None,
-        help="Force a naming dialect instead of detecting it (see 'inspect').",
+        help="Force a block family (acnet, dbb, repvgg, repconv, mobileone, timm, replknet) "
+        "or one naming dialect instead of detecting it (see 'inspect').",
     )(fn)
 
 
@@ -133,6 +136,9 @@ def _fuse_options(
     patterns: Path | None,
     rename: Sequence[str],
     trust_pickle: bool,
+    *,
+    fold_bn: bool = False,
+    allow_unfused: bool = False,
 ) -> Any:
     from acnet_convert.plan import FuseOptions
 
@@ -144,6 +150,8 @@ def _fuse_options(
         extra_dialects=_load_patterns(patterns),
         renames=_parse_renames(rename),
         trust_pickle=trust_pickle,
+        fold_bn=fold_bn,
+        allow_unfused=allow_unfused,
     )
 
 
@@ -189,6 +197,18 @@ def _summary(report: Any) -> str:
 )
 @click.option("--dry-run", is_flag=True, help="Show what would be written, write nothing.")
 @click.option(
+    "--fold-bn",
+    is_flag=True,
+    help="Also fold every plain conv followed by its own BN (<b>.conv + <b>.bn, "
+    "<b>.<i> + <b>.<i+1>) into the conv's weight and bias.",
+)
+@click.option(
+    "--allow-unfused",
+    is_flag=True,
+    help="Copy tensors that look like unfused training-time branches through, with a note, "
+    "instead of refusing (exit 3).",
+)
+@click.option(
     "--out-dir",
     type=click.Path(path_type=Path, file_okay=False),
     default=None,
@@ -216,6 +236,8 @@ def fuse(
     patterns: Path | None,
     rename: tuple[str, ...],
     dry_run: bool,
+    fold_bn: bool,
+    allow_unfused: bool,
     out_dir: Path | None,
     jobs: int,
     quiet: bool,
@@ -229,7 +251,17 @@ def fuse(
     Before writing, each fused block is checked numerically against its
     branches; the output appears only when everything succeeded.
     """
-    options = _fuse_options(eps, no_check, layout, dialect, patterns, rename, trust_pickle)
+    options = _fuse_options(
+        eps,
+        no_check,
+        layout,
+        dialect,
+        patterns,
+        rename,
+        trust_pickle,
+        fold_bn=fold_bn,
+        allow_unfused=allow_unfused,
+    )
     if out_dir is not None:
         sys.exit(_fuse_batch(paths, out_dir, to_format, options, force, jobs, quiet, as_json))
     if len(paths) != 2:

@@ -13,11 +13,13 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from acnet_convert.accounting import Suspect, find_suspects, suspects_message
 from acnet_convert.blocks import BlockGeometry, block_geometry
 from acnet_convert.checkpoint import CheckpointReader, TensorInfo
 from acnet_convert.checkpoint.rawio import array_bytes
-from acnet_convert.dialects import FAMILIES, BlockSpec, Dialect, find_blocks
+from acnet_convert.dialects import FAMILIES, BlockSpec, Detection, Dialect, find_blocks
 from acnet_convert.errors import NoBlockFound, UnfusableBlockError, UsageError
+from acnet_convert.families.convbn import FOLD_BN, fold_units
 
 __all__ = [
     "LAYOUTS",
@@ -48,6 +50,8 @@ class FuseOptions:
     renames: tuple[tuple[str, str], ...] = ()
     trust_pickle: bool = False
     seed: int = 0
+    allow_unfused: bool = False
+    fold_bn: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,8 @@ class FusionPlan:
     # BN running-mean key -> the epsilon the file declares for it (used unless --eps is given)
     bn_eps: Mapping[str, float] = field(default_factory=dict)
     dialects: tuple[Dialect, ...] = ()
+    # tensors that look like unfused training-time parts (passed through with --allow-unfused)
+    suspects: tuple[Suspect, ...] = ()
 
     @property
     def dialect_names(self) -> str:
@@ -136,6 +142,39 @@ def _output_info(key: str, role: str, geometry: BlockGeometry, layout: str) -> T
     return TensorInfo(key, geometry.dtype, (o,))
 
 
+def _default_eps(own: Dialect, detection: Detection) -> float:
+    """A block's BN epsilon: its family's; for --fold-bn's units, the checkpoint's family's
+    (YOLOv7's plain Conv units use its BN eps 1e-3 too)."""
+    if own is FOLD_BN and detection.dialect is not None:
+        return detection.dialect.default_eps
+    return own.default_eps
+
+
+def _detect(
+    reader: CheckpointReader, options: FuseOptions, same: Callable[[str, str], bool]
+) -> tuple[Detection, list[BlockSpec]]:
+    """The detected blocks, plus the conv+BN units ``--fold-bn`` folds, in file order."""
+    source = str(reader.path)
+    infos = reader.tensors
+    try:
+        detection = find_blocks(infos, options.dialect, options.extra_dialects, same)
+    except UnfusableBlockError as err:
+        raise UnfusableBlockError(f"{source}: {err}") from err
+    blocks = (*detection.blocks, *(a.block for a in detection.aliases))
+    taken = {k for b in blocks for k in b.keys()}  # noqa: SIM118 - BlockSpec.keys()
+    units = fold_units(infos, taken) if options.fold_bn else []
+    if (detection.dialect is None or not detection.blocks) and not units:
+        raise NoBlockFound(
+            f"{source}: no ACNet block found among {len(infos)} tensors (no key like "
+            "'<prefix>.square_conv.weight'), nor a block of another family "
+            f"({', '.join(FAMILIES[1:])}); it may be fused already, or plain. "
+            "Try 'acnet-convert inspect' to see its keys"
+        )
+    order = {k: i for i, k in enumerate(infos)}
+    specs = sorted([*detection.blocks, *units], key=lambda b: order.get(b.square.first_key, 0))
+    return detection, specs
+
+
 def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
     """Find and check every block and lay out the output, from the index alone.
 
@@ -146,20 +185,9 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
     """
     source = str(reader.path)
     infos = reader.tensors
-    try:
-        detection = find_blocks(
-            infos, options.dialect, options.extra_dialects, _same_tensor(reader)
-        )
-    except UnfusableBlockError as err:
-        raise UnfusableBlockError(f"{source}: {err}") from err
-    if detection.dialect is None or not detection.blocks:
-        raise NoBlockFound(
-            f"{source}: no ACNet block found among {len(infos)} tensors (no key like "
-            "'<prefix>.square_conv.weight'), nor a block of another family "
-            f"({', '.join(FAMILIES[1:])}); it may be fused already, or plain. "
-            "Try 'acnet-convert inspect' to see its keys"
-        )
-    dialect = detection.dialect
+    same = _same_tensor(reader)
+    detection, specs = _detect(reader, options, same)
+    dialect = detection.dialect or FOLD_BN
     eps = options.eps if options.eps is not None else dialect.default_eps
     if not eps >= 0:
         raise UsageError(f"--eps must be a non-negative number, got {eps}")
@@ -173,8 +201,8 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
     for dropped_alias in detection.aliases:
         if not dropped_alias.copy:
             owner.update(dict.fromkeys(dropped_alias.block.keys(), _DROPPED))
-    for spec in detection.blocks:
-        own = detection.dialect_of(spec)
+    for spec in specs:
+        own = FOLD_BN if spec.family == FOLD_BN.family else detection.dialect_of(spec)
         geometry = block_geometry(spec, infos, source, own.kernel_layout, own.validate)
         for key in spec.keys():  # noqa: SIM118 - BlockSpec.keys(), not a dict
             if key in owner:
@@ -188,9 +216,9 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
             PlannedBlock(
                 spec,
                 geometry,
-                _layout_outputs(options.layout, spec),
+                _layout_outputs("deploy" if own is FOLD_BN else options.layout, spec),
                 alias_of=alias.primary.label if alias else None,
-                eps=options.eps if options.eps is not None else own.default_eps,
+                eps=options.eps if options.eps is not None else _default_eps(own, detection),
             )
         )
 
@@ -213,6 +241,16 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
             )
     if options.layout == "baseline":
         _refuse_taken_bn(planned, origins, source)
+    suspects = find_suspects(
+        [(b.spec, (b.geometry.out_channels, b.geometry.in_per_group)) for b in planned],
+        list(origins),
+        infos,
+        list(owner),
+        same,
+        _constant(reader),
+    )
+    if suspects and not options.allow_unfused:
+        raise UnfusableBlockError(suspects_message(source, suspects))
     renamed = [TensorInfo(_rename(t.name, options.renames), t.dtype, t.shape) for t in outputs]
     seen: dict[str, str] = {}
     for before, after in zip(outputs, renamed, strict=True):
@@ -251,6 +289,7 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
         dropped_aliases=tuple(dropped),
         bn_eps={} if options.eps is not None else dict(getattr(reader, "bn_epsilons", None) or {}),
         dialects=detection.dialects,
+        suspects=suspects,
     )
 
 
@@ -275,6 +314,14 @@ def _same_tensor(reader: CheckpointReader) -> Callable[[str, str], bool]:
     return same
 
 
+def _constant(reader: CheckpointReader) -> Callable[[str], bool]:
+    def constant(key: str) -> bool:
+        values = reader.read(key)
+        return bool(values.size == 0 or (values == values.flat[0]).all())
+
+    return constant
+
+
 def plan_notes(plan: FusionPlan) -> tuple[str, ...]:
     """What people should know about a plan: aliases fused once or dropped, shape-only detection."""
     notes = [
@@ -288,7 +335,18 @@ def plan_notes(plan: FusionPlan) -> tuple[str, ...]:
         f"'{plan.dialect.name}' block '{primary}' (another naming of it)"
         for alias, dialect, primary in plan.dropped_aliases
     ]
-    if plan.dialect.anchor is None:
+    folded = [b for b in plan.blocks if b.spec.family == FOLD_BN.family]
+    if folded:
+        notes.append(
+            f"--fold-bn: folded {len(folded)} conv+BN unit{'s' if len(folded) > 1 else ''} into "
+            f"conv weight + bias ({', '.join(repr(b.spec.label) for b in folded[:3])}"
+            f"{', ...' if len(folded) > 3 else ''})"
+        )
+    notes += [
+        f"passed through '{s.name}' unfused (--allow-unfused): it looks like {s.what}"
+        for s in plan.suspects
+    ]
+    if plan.dialect.anchor is None and plan.dialect is not FOLD_BN:
         notes.append(
             "blocks were found by kernel shape alone (generic dialect); "
             "check them with 'acnet-convert inspect' or name them with --patterns"

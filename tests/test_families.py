@@ -49,7 +49,7 @@ def _t(a: np.ndarray) -> Tensor:
     return torch.from_numpy(np.asarray(a, dtype=np.float64))
 
 
-def _apply_bn(y: Tensor, sd: State, stem: str) -> Tensor:
+def _apply_bn(y: Tensor, sd: State, stem: str, eps: float = 1e-5) -> Tensor:
     return F.batch_norm(
         y,
         _t(sd[f"{stem}.running_mean"]),
@@ -58,7 +58,7 @@ def _apply_bn(y: Tensor, sd: State, stem: str) -> Tensor:
         _t(sd[f"{stem}.bias"]),
         False,
         0.0,
-        1e-5,
+        eps,
     )
 
 
@@ -79,13 +79,15 @@ class Case:
     cin: int
 
 
-def _conv_bn(sd: State, conv: str, bn: str, x: Tensor, k: int, groups: int) -> Tensor:
+def _conv_bn(
+    sd: State, conv: str, bn: str, x: Tensor, k: int, groups: int, eps: float = 1e-5
+) -> Tensor:
     w = _t(sd[conv])
-    return _apply_bn(F.conv2d(_crop(x, k, w.shape[2]), w, groups=groups), sd, bn)
+    return _apply_bn(F.conv2d(_crop(x, k, w.shape[2]), w, groups=groups), sd, bn, eps)
 
 
-def _identity(sd: State, bn: str, x: Tensor, k: int) -> Tensor:
-    return _apply_bn(_crop(x, k, 1), sd, bn)
+def _identity(sd: State, bn: str, x: Tensor, k: int, eps: float = 1e-5) -> Tensor:
+    return _apply_bn(_crop(x, k, 1), sd, bn, eps)
 
 
 def repvgg_case(names: str, c: int = 4, groups: int = 2, k: int = 3) -> Case:
@@ -103,11 +105,13 @@ def repvgg_case(names: str, c: int = 4, groups: int = 2, k: int = 3) -> Case:
     _bn(rng, sd, f"{p}rbr_identity", c)
     sd["head.weight"] = rng.normal(size=(3, c))
 
+    eps = 1e-5 if names == "repvgg" else 1e-3  # YOLOv7 builds its BNs with eps 1e-3
+
     def forward(x: Tensor) -> Tensor:
         return (
-            _conv_bn(sd, f"{p}{dense}.weight", f"{p}{dbn}", x, k, groups)
-            + _conv_bn(sd, f"{p}{one}.weight", f"{p}{obn}", x, k, groups)
-            + _identity(sd, f"{p}rbr_identity", x, k)
+            _conv_bn(sd, f"{p}{dense}.weight", f"{p}{dbn}", x, k, groups, eps)
+            + _conv_bn(sd, f"{p}{one}.weight", f"{p}{obn}", x, k, groups, eps)
+            + _identity(sd, f"{p}rbr_identity", x, k, eps)
         )
 
     return Case(sd, forward, f"{p}rbr_reparam", k, groups, c)
