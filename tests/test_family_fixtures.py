@@ -234,3 +234,50 @@ def test_leftover_training_branch_is_refused_not_half_fused(tmp_path: Path, run_
     fused = load_file(str(allowed))
     assert "head_block.rbr_reparam.weight" in fused
     assert "head_block.rbr_extra.conv.weight" in fused
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_shipped_fixtures_are_what_the_generator_writes(name: str, tmp_path: Path) -> None:
+    """Regenerating a fixture gives the same tensors: the shipped files match the reference nets."""
+    mff.make(name, out=tmp_path)
+    for suffix in ("safetensors", "io.safetensors"):
+        shipped = load_file(str(FIXTURES / "families" / f"{name}.{suffix}"))
+        fresh = load_file(str(tmp_path / f"{name}.{suffix}"))
+        assert list(shipped) == list(fresh)
+        for key, value in shipped.items():
+            assert torch.equal(value, fresh[key]), key
+
+
+# (fixture, tensor removed): each leaves a branch incomplete; fusing without it would be a different net
+INCOMPLETE = [
+    ("dbb", "block1.dbb_1x1.conv.weight"),
+    ("dbb", "block1.dbb_avg.conv.weight"),
+    ("dbb", "block1.dbb_avg.avgbn.running_var"),
+    ("dbb", "block2.dbb_1x1_kxk.idconv1.weight"),
+    ("dbb", "block4.dbb_1x1_kxk.bn1.bn.running_var"),
+    ("repvgg", "stage1.rbr_1x1.conv.weight"),
+    ("repvgg", "stage1.rbr_identity.running_var"),
+    ("mobileone", "dw1.rbr_conv.1.conv.weight"),
+    ("mobileone", "dw1.rbr_scale.conv.weight"),
+    ("mobileone", "dw1.rbr_skip.running_mean"),
+    ("repconv", "rep2.rbr_1x1.0.weight"),
+    ("repconv", "rep2.rbr_identity.running_var"),
+    ("timm", "rv1.conv_1x1.conv.weight"),
+    ("timm", "mo_dw.conv_kxk.1.conv.weight"),
+    ("timm", "mo_dw.conv_scale.bn.running_var"),
+    ("replknet", "block1.large_kernel.small_conv.conv.weight"),
+    ("replknet", "block1.large_kernel.small_conv.bn.running_var"),
+]
+
+
+@pytest.mark.parametrize(("name", "removed"), INCOMPLETE)
+def test_incomplete_branch_is_refused(name: str, removed: str, tmp_path: Path, run_cli) -> None:
+    sd = load_file(str(FIXTURES / "families" / f"{name}.safetensors"))
+    del sd[removed]
+    source = tmp_path / "incomplete.safetensors"
+    save_file(sd, str(source))
+    out = tmp_path / "fused.safetensors"
+    result = run_cli("fuse", source, out, expect=3)
+    assert not out.exists()
+    block = removed.split(".dbb_")[0].split(".rbr_")[0].split(".conv_")[0].split(".small_conv")[0]
+    assert f"'{block}" in result.stderr, result.stderr

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from acnet_convert.fusion import BNStats, compare_outputs, conv_outputs, fold_bn
@@ -286,3 +288,42 @@ def test_sequential_reference_is_two_grouped_convs(
         *fold_bn(k1, None, _stats(bn1)), *fold_bn(k2, None, _stats(bn2)), groups
     )
     _close(got, conv_outputs(pad_to(kernel, target, target), bias, x))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    groups=st.integers(1, 3),
+    in_per_group=st.integers(1, 3),
+    mid_per_group=st.integers(1, 3),
+    out_per_group=st.integers(1, 3),
+    k=st.sampled_from([1, 3, 5]),
+    stride=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_compose_and_its_reference_agree_with_torch_over_shapes(
+    groups: int,
+    in_per_group: int,
+    mid_per_group: int,
+    out_per_group: int,
+    k: int,
+    stride: int,
+    seed: int,
+) -> None:
+    """Any grouped 1x1 -> kxk pair with BNs: torch in eval mode, the composed conv, the reference."""
+    rng = _rng(seed)
+    cin, mid, cout = groups * in_per_group, groups * mid_per_group, groups * out_per_group
+    first, bn1 = _conv(rng, cin, mid, 1, groups), _bn_module(rng, mid)
+    second, bn2 = _conv(rng, mid, cout, k, groups, stride=stride), _bn_module(rng, cout)
+    k1, k2 = first.weight.detach().numpy(), second.weight.detach().numpy()
+    kernel, bias = compose_1x1_kxk(
+        *fold_bn(k1, None, _stats(bn1)), *fold_bn(k2, None, _stats(bn2)), groups
+    )
+    # Padded form: the middle map is padded with bn1's value for a zero input, as DBB's padding BN does.
+    x = _t(rng.normal(0, 1, (2, cin, 7, 7)))
+    pad = k // 2
+    middle = bn1(first(F.pad(x, (pad,) * 4)))
+    _close(bn2(second(middle)), _fused(x, kernel, bias, groups, stride=stride, padding=pad))
+    # Local-input form, with the independent reference.
+    local = rng.normal(0, 1, (2, in_per_group, 7, 7))
+    got = sequential_reference(local, k1, _stats(bn1), k2, _stats(bn2), (k, k))
+    _close(got, conv_outputs(kernel, bias, local))
