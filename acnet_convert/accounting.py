@@ -181,6 +181,6 @@ def suspects_message(source: str, suspects: Sequence[Suspect]) -> str:
     more = f"; and {len(suspects) - 3} more" if len(suspects) > 3 else ""
     return (
         f"{source}: {len(suspects)} group{'s' if len(suspects) > 1 else ''} of tensors look like "
-        f"training-time branches that would be left unfused: {shown}{more}. Nothing was written; "
-        "describe them with --patterns, or pass --allow-unfused to copy them through as they are"
+        f"training-time branches that would be left unfused: {shown}{more}. Describe them with "
+        "--patterns, or have 'fuse --allow-unfused' copy them through as they are"
     )

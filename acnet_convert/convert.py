@@ -421,7 +421,7 @@ def _fuse_one(
     g = block.geometry
     bias = np.empty(g.out_channels)
     checks: list[BlockCheck] = []
-    layout = plan.dialect.kernel_layout
+    layout = plan.dialect.kernel_order
     eps = block.eps if block.eps is not None else plan.eps
     slabs = _block_slabs(reader, block, eps, plan.source, layout, plan.bn_eps)
     for rows, tensors in slabs:
@@ -522,7 +522,7 @@ def _fuse_blocks(
     Raises:
         VerificationError: a fused block does not reproduce its branches.
     """
-    layout = plan.dialect.kernel_layout
+    layout = plan.dialect.kernel_order
     rng = np.random.default_rng(options.seed) if options.check else None
     reports: list[BlockReport] = []
     failures: list[str] = []

@@ -94,7 +94,8 @@ class Dialect:
     timm's blocks). ``validate`` is the family's own geometry rule, called
     with the block's :class:`~acnet_convert.blocks.BlockGeometry`; it returns
     a problem or None. Kernels are stored ``OIHW`` (PyTorch, Paddle) or
-    ``HWIO`` (Keras): ``kernel_layout`` is that kernel order.
+    ``HWIO`` (Keras): ``kernel_order`` says which (``kernel_layout`` is its old name;
+    "layout" now means only the output key naming, see :data:`acnet_convert.plan.LAYOUTS`).
     ``default_eps`` is the BN epsilon of the framework the dialect comes from.
 
     The generic dialect has no anchor and no branch templates (``None``):
@@ -111,13 +112,18 @@ class Dialect:
     branches: tuple[BranchNames, ...] | None = None
     last_bn: BNNames | None = None
     derived: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = ()
-    kernel_layout: str = "OIHW"
+    kernel_order: str = "OIHW"
     default_eps: float = 1e-5
     extra_branches: tuple[BranchNames, ...] = ()
     family: str = "acnet"
     exclusive: bool = True
     requires_any: tuple[str, ...] = ()
     validate: Callable[[Any], str | None] | None = field(default=None, compare=False)
+
+    @property
+    def kernel_layout(self) -> str:
+        """The old name of :attr:`kernel_order`, kept for callers of 0.1."""
+        return self.kernel_order
 
     def fields_for(self, key: str) -> dict[str, str] | None:
         """Template fields when ``key`` is a primary kernel of this dialect, else None.

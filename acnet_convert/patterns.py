@@ -26,7 +26,8 @@ worked example::
 Fields of a ``[[dialect]]``: ``name``, ``anchor``, ``fused_weight``,
 ``fused_bias``, ``square``, ``branches`` (required); ``description``,
 ``label`` (default: the anchor's groups, ``"{p}"``), ``last_bn``,
-``derived``, ``kernel_layout`` (``"OIHW"`` or ``"HWIO"``), ``default_eps``
+``derived``, ``kernel_order`` (``"OIHW"`` or ``"HWIO"``; ``kernel_layout`` is its old
+name, still read), ``default_eps``
 (default 1e-5) and ``bn_style`` (``"torch"``, ``"paddle"`` or ``"keras"``:
 how a BN given as a stem string expands; default ``"torch"``).
 A branch (``square`` and each of ``branches``) has ``weight``, optional
@@ -73,6 +74,7 @@ _DIALECT_FIELDS = {
     "last_bn",
     "derived",
     "kernel_layout",
+    "kernel_order",
     "default_eps",
     "bn_style",
     "family",
@@ -220,9 +222,10 @@ class _Parser:
         style = table.get("bn_style", "torch")
         if style not in ("torch", "paddle", "keras"):
             raise self.fail(f'\'bn_style\' must be "torch", "paddle" or "keras", got {style!r}')
-        layout = table.get("kernel_layout", "OIHW")
+        order_field = "kernel_order" if "kernel_order" in table else "kernel_layout"
+        layout = table.get(order_field, "OIHW")
         if layout not in ("OIHW", "HWIO"):
-            raise self.fail(f'\'kernel_layout\' must be "OIHW" or "HWIO", got {layout!r}')
+            raise self.fail(f'\'{order_field}\' must be "OIHW" or "HWIO", got {layout!r}')
         eps = table.get("default_eps", 1e-5)
         if (
             isinstance(eps, bool)
@@ -262,7 +265,7 @@ class _Parser:
             validate=validate_acnet if acnet_like else None,
             last_bn=self.bn(table["last_bn"], "last_bn", style) if "last_bn" in table else None,
             derived=derived,
-            kernel_layout=layout,
+            kernel_order=layout,
             default_eps=float(eps),
         )
         for place, template in dialect.templates().items():

@@ -215,6 +215,98 @@ def _detect(
     return detection, specs
 
 
+def _plan_blocks(
+    specs: Sequence[BlockSpec],
+    detection: Detection,
+    options: FuseOptions,
+    infos: Mapping[str, TensorInfo],
+    source: str,
+) -> tuple[list[PlannedBlock], dict[str, int], list[tuple[str, str, str]]]:
+    """Each block checked and given its outputs; which block owns which key; dropped aliases."""
+    planned: list[PlannedBlock] = []
+    owner: dict[str, int] = {}
+    dropped = [
+        (a.block.label, a.block.dialect, a.primary.label) for a in detection.aliases if not a.copy
+    ]
+    for dropped_alias in detection.aliases:
+        if not dropped_alias.copy:
+            owner.update(dict.fromkeys(dropped_alias.block.keys(), _DROPPED))
+    for spec in specs:
+        own = FOLD_BN if spec.family == FOLD_BN.family else detection.dialect_of(spec)
+        geometry = block_geometry(spec, infos, source, own.kernel_order, own.validate)
+        for key in spec.keys():  # noqa: SIM118 - BlockSpec.keys(), not a dict
+            if key in owner:
+                raise UnfusableBlockError(
+                    f"{source}: key '{key}' belongs to two blocks, "
+                    f"'{planned[owner[key]].spec.label}' and '{spec.label}'"
+                )
+            owner[key] = len(planned)
+        alias = detection.alias_of(spec)
+        planned.append(
+            PlannedBlock(
+                spec,
+                geometry,
+                _layout_outputs("deploy" if own is FOLD_BN else options.layout, spec),
+                alias_of=alias.primary.label if alias else None,
+                eps=options.eps if options.eps is not None else _default_eps(own, detection),
+            )
+        )
+    return planned, owner, dropped
+
+
+def _lay_out(
+    infos: Mapping[str, TensorInfo],
+    owner: Mapping[str, int],
+    planned: Sequence[PlannedBlock],
+    kernel_order: str,
+) -> tuple[list[TensorInfo], dict[str, str]]:
+    """Every output tensor in file order (a block's where its first key was), and which
+    input each pass-through output copies."""
+    outputs: list[TensorInfo] = []
+    origins: dict[str, str] = {}
+    emitted: set[int] = set()
+    for key, info in infos.items():
+        index = owner.get(key)
+        if index == _DROPPED:
+            continue
+        if index is None:
+            outputs.append(TensorInfo(key, info.dtype, info.shape))
+            origins[key] = key
+        elif index not in emitted:
+            emitted.add(index)
+            block = planned[index]
+            outputs.extend(
+                _output_info(out_key, role, block.geometry, kernel_order)
+                for out_key, role in block.outputs
+            )
+    return outputs, origins
+
+
+def _renamed(
+    outputs: Sequence[TensorInfo],
+    origins: Mapping[str, str],
+    renames: Sequence[tuple[str, str]],
+    source: str,
+) -> tuple[list[TensorInfo], dict[str, str]]:
+    """The outputs after ``--rename``; refuses two outputs under one name."""
+    renamed = [TensorInfo(_rename(t.name, renames), t.dtype, t.shape) for t in outputs]
+    seen: dict[str, str] = {}
+    for before, after in zip(outputs, renamed, strict=True):
+        if after.name in seen:
+            what = "after --rename " if renames else ""
+            raise (UsageError if renames else UnfusableBlockError)(
+                f"{source}: output key '{after.name}' {what}would be written twice "
+                f"(from '{seen[after.name]}' and '{before.name}'); does the checkpoint already hold fused weights?"
+            )
+        seen[after.name] = before.name
+    final_origins = {
+        after.name: origins[before.name]
+        for before, after in zip(outputs, renamed, strict=True)
+        if before.name in origins
+    }
+    return renamed, final_origins
+
+
 def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
     """Find and check every block and lay out the output, from the index alone.
 
@@ -233,52 +325,8 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
         raise UsageError(f"--eps must be a non-negative number, got {eps}")
     if options.layout not in LAYOUTS:
         raise UsageError(f"unknown layout '{options.layout}'; choose one of {', '.join(LAYOUTS)}")
-    planned: list[PlannedBlock] = []
-    owner: dict[str, int] = {}
-    dropped = [
-        (a.block.label, a.block.dialect, a.primary.label) for a in detection.aliases if not a.copy
-    ]
-    for dropped_alias in detection.aliases:
-        if not dropped_alias.copy:
-            owner.update(dict.fromkeys(dropped_alias.block.keys(), _DROPPED))
-    for spec in specs:
-        own = FOLD_BN if spec.family == FOLD_BN.family else detection.dialect_of(spec)
-        geometry = block_geometry(spec, infos, source, own.kernel_layout, own.validate)
-        for key in spec.keys():  # noqa: SIM118 - BlockSpec.keys(), not a dict
-            if key in owner:
-                raise UnfusableBlockError(
-                    f"{source}: key '{key}' belongs to two blocks, "
-                    f"'{planned[owner[key]].spec.label}' and '{spec.label}'"
-                )
-            owner[key] = len(planned)
-        alias = detection.alias_of(spec)
-        planned.append(
-            PlannedBlock(
-                spec,
-                geometry,
-                _layout_outputs("deploy" if own is FOLD_BN else options.layout, spec),
-                alias_of=alias.primary.label if alias else None,
-                eps=options.eps if options.eps is not None else _default_eps(own, detection),
-            )
-        )
-
-    outputs: list[TensorInfo] = []
-    origins: dict[str, str] = {}
-    emitted: set[int] = set()
-    for key, info in infos.items():
-        index = owner.get(key)
-        if index == _DROPPED:
-            continue
-        if index is None:
-            outputs.append(TensorInfo(key, info.dtype, info.shape))
-            origins[key] = key
-        elif index not in emitted:
-            emitted.add(index)
-            block = planned[index]
-            outputs.extend(
-                _output_info(out_key, role, block.geometry, dialect.kernel_layout)
-                for out_key, role in block.outputs
-            )
+    planned, owner, dropped = _plan_blocks(specs, detection, options, infos, source)
+    outputs, origins = _lay_out(infos, owner, planned, dialect.kernel_order)
     if options.layout == "baseline":
         _refuse_taken_bn(planned, origins, source)
     bn_eps, overridden = _file_epsilons(reader, options)
@@ -292,21 +340,7 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
     )
     if suspects and not options.allow_unfused:
         raise UnfusableBlockError(suspects_message(source, suspects))
-    renamed = [TensorInfo(_rename(t.name, options.renames), t.dtype, t.shape) for t in outputs]
-    seen: dict[str, str] = {}
-    for before, after in zip(outputs, renamed, strict=True):
-        if after.name in seen:
-            what = "after --rename " if options.renames else ""
-            raise (UsageError if options.renames else UnfusableBlockError)(
-                f"{source}: output key '{after.name}' {what}would be written twice "
-                f"(from '{seen[after.name]}' and '{before.name}'); does the checkpoint already hold fused weights?"
-            )
-        seen[after.name] = before.name
-    final_origins = {
-        after.name: origins[before.name]
-        for before, after in zip(outputs, renamed, strict=True)
-        if before.name in origins
-    }
+    renamed, final_origins = _renamed(outputs, origins, options.renames, source)
     return FusionPlan(
         source=source,
         dialect=dialect,

@@ -181,7 +181,7 @@ DIALECTS: tuple[Dialect, ...] = (
         fused_weight="{n}/{n}/kernel:0",
         fused_bias="{n}/{n}/bias:0",
         label="{n}",
-        kernel_layout="HWIO",
+        kernel_order="HWIO",
         default_eps=1e-3,
         validate=validate_acnet,
     ),

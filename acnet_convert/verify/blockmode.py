@@ -147,7 +147,7 @@ def _fused_values(
         if role == "weight":
             stored = info.dtype
         values[role] = dtypes.to_float64(fused.read(key), info.dtype)
-    weight = np.ascontiguousarray(from_layout(values["weight"], plan.dialect.kernel_layout))
+    weight = np.ascontiguousarray(from_layout(values["weight"], plan.dialect.kernel_order))
     if layout == "baseline":
         bn = BNStats(
             mean=values["bn_mean"],
@@ -177,7 +177,7 @@ def _block_cases(
             train.read,
             block.eps if block.eps is not None else plan.eps,
             plan.source,
-            plan.dialect.kernel_layout,
+            plan.dialect.kernel_order,
             bn_eps=plan.bn_eps,
         )
         weight, bias, stored = _fused_values(block, fused, plan, layout, options.layout == "auto")
