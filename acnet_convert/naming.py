@@ -13,6 +13,8 @@ checkpoint's keys into a :class:`BlockSpec` naming the keys it consumes.
 
 from __future__ import annotations
 
+import functools
+import re
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -132,18 +134,16 @@ class Dialect:
         >>> get_dialect("paddle").fields_for("res2a_branch2b_acsquare_weights")["b"]
         'bn2a_branch2b'
         """
-        import re
-
         if self.anchor is None:
             return None
-        match = re.fullmatch(self.anchor, key)
+        match = _compiled(self.anchor).fullmatch(key)
         if match is None:
             return None
         fields = {k: (v or "") for k, v in match.groupdict().items()}
         for name, source, rules in self.derived:
             value = fields[source]
             for pattern, replacement in rules:
-                derived_match = re.fullmatch(pattern, value)
+                derived_match = _compiled(pattern).fullmatch(value)
                 if derived_match:
                     fields[name] = derived_match.expand(replacement)
                     break
@@ -173,6 +173,11 @@ class Dialect:
         if self.last_bn is not None:
             out.update({f"last_bn.{k}": v for k, v in _bn_templates(self.last_bn).items()})
         return out
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
 
 
 def _bn_templates(bn: BNNames) -> dict[str, str]:
