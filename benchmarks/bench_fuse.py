@@ -436,7 +436,7 @@ def print_report(rows: list[dict[str, Any]], help_s: float, total_s: float) -> N
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"machine: {usable} of {os.cpu_count()} CPUs ({cpu}), Python {sys.version.split()[0]}")
     head = (
-        f"{'checkpoint':<22}{'MB':>6}{'n':>3}{'fuse s':>8}{'cp s':>7}{'torch s':>8}{'upstr s':>8}"
+        f"{'checkpoint':<26}{'MB':>6}{'n':>3}{'fuse s':>8}{'cp s':>7}{'torch s':>8}{'upstr s':>8}"
         f"{'f/cp':>7}{'f/torch':>8}{'f/upstr':>8}{'RSS MB':>8}{'RSS/size':>9}{'torch?':>7}"
     )
     print(head)
@@ -446,7 +446,7 @@ def print_report(rows: list[dict[str, Any]], help_s: float, total_s: float) -> N
         upstream = f"{r['upstream']:.3f}" if r["upstream"] is not None else "-"
         torch_seen = "yes" if r["torch_imported"] else "no"
         print(
-            f"{name:<22}{r['size'] / 1e6:>6.0f}{r['reps']:>3}{r['fuse']:>8.3f}{r['cp']:>7.3f}"
+            f"{name:<26}{r['size'] / 1e6:>6.0f}{r['reps']:>3}{r['fuse']:>8.3f}{r['cp']:>7.3f}"
             f"{r['torch']:>8.3f}{upstream:>8}{fmt_ratio(r['fuse'], r['cp']):>7}"
             f"{fmt_ratio(r['fuse'], r['torch']):>8}{fmt_ratio(r['fuse'], r['upstream']):>8}"
             f"{r['rss'] / 1e6:>8.0f}{r['rss'] / r['size']:>9.2f}{torch_seen:>7}"
@@ -474,8 +474,8 @@ def print_report(rows: list[dict[str, Any]], help_s: float, total_s: float) -> N
             )
         checks.append(_verdict(f"RSS/size <= {TARGET_RSS:g}", r["rss"] / r["size"] <= TARGET_RSS))
         checks.append(_verdict("no torch", not r["torch_imported"]))
-        print(f"  {name:<24}" + "  ".join(checks))
-    print(f"  {'--help':<24}" + _verdict(f"< {TARGET_HELP_S:g} s", help_s < TARGET_HELP_S))
+        print(f"  {name:<26}" + "  ".join(checks))
+    print(f"  {'--help':<26}" + _verdict(f"< {TARGET_HELP_S:g} s", help_s < TARGET_HELP_S))
     print(f"benchmark wall time: {total_s:.0f} s")
 
 
