@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from acnet_convert.checkpoint.base import TensorInfo
+from acnet_convert.generic import branch_bn_stems
 from acnet_convert.naming import BlockSpec
 
 __all__ = ["Suspect", "find_suspects", "suspects_message"]
@@ -83,9 +84,8 @@ def _conv_suspects(
         if not (key.endswith(".weight") and len(shape) == 4 and _under(key, prefix)):
             continue
         module = key[: -len(".weight")]
-        branch = module[: -len(".conv")] if module.endswith(".conv") else module
-        branch = re.sub(r"\.\d+$", "", branch) if branch == module else branch
-        bns = [s for s in bn_stems if s.startswith(branch) and s != module]
+        branch, stems = branch_bn_stems(module)
+        bns = [s for s in stems if s in bn_stems]
         if shape[0] != width[0] or not (bns or (shape[1] == width[1] and prefix)):
             continue
         what = (
@@ -181,6 +181,6 @@ def suspects_message(source: str, suspects: Sequence[Suspect]) -> str:
     more = f"; and {len(suspects) - 3} more" if len(suspects) > 3 else ""
     return (
         f"{source}: {len(suspects)} group{'s' if len(suspects) > 1 else ''} of tensors look like "
-        f"training-time branches that would be left unfused: {shown}{more}. Nothing was written; "
-        "describe them with --patterns, or pass --allow-unfused to copy them through as they are"
+        f"training-time branches that would be left unfused: {shown}{more}. Describe them with "
+        "--patterns, or have 'fuse --allow-unfused' copy them through as they are"
     )

@@ -169,7 +169,7 @@ def _summary(report: Any) -> str:
 @click.option(
     "--to",
     "to_format",
-    type=click.Choice(["pth", "hdf5", "safetensors"]),
+    type=click.Choice(["pth", "hdf5", "safetensors", "pdparams"]),
     help="Output format (default: from OUT's extension; with --out-dir: the input's).",
 )
 @click.option(
@@ -491,7 +491,26 @@ _VERIFY_ROWS = 12
     show_default=True,
     help="FUSED's layout; auto: found from its keys.",
 )
-@click.option("--dialect", default=None, help="Force TRAIN's naming dialect (see 'inspect').")
+@click.option(
+    "--family",
+    "--dialect",
+    "dialect",
+    default=None,
+    help="Force TRAIN's block family or naming dialect (see 'inspect'). "
+    "[default: what FUSED records, else detected]",
+)
+@click.option(
+    "--patterns",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="TOML file defining extra naming dialects, as given to 'fuse'.",
+)
+@click.option(
+    "--rename",
+    multiple=True,
+    metavar="REGEX=REPLACEMENT",
+    help="The renames given to 'fuse' (repeatable). [default: what FUSED records]",
+)
 @click.option(
     "--eps",
     type=float,
@@ -565,6 +584,8 @@ def verify(
     list_archs: bool,
     layout: str,
     dialect: str | None,
+    patterns: Path | None,
+    rename: tuple[str, ...],
     eps: float | None,
     seed: int,
     batch: int,
@@ -629,6 +650,8 @@ def verify(
             atol=atol,
             trust_pickle=trust_pickle,
             allow_extra=allow_extra,
+            extra_dialects=_load_patterns(patterns),
+            renames=_parse_renames(rename),
         )
         if quiet or not err.is_terminal:
             result = verify_checkpoints(train, fused, options)
@@ -671,7 +694,8 @@ def _render_verify(result: Any, console: Any) -> None:
     from rich.table import Table
 
     def fmt(value: float | None, spec: str = ".3g") -> str:
-        return "-" if value is None else format(value, spec)
+        # NaN: a check that lists tensors (missing, extra) and has no figures.
+        return "-" if value is None or value != value else format(value, spec)
 
     def table(title: str, cases: Sequence[Any], network: bool) -> Any:
         t = Table(title=title, title_justify="left")

@@ -421,7 +421,7 @@ def _fuse_one(
     g = block.geometry
     bias = np.empty(g.out_channels)
     checks: list[BlockCheck] = []
-    layout = plan.dialect.kernel_layout
+    layout = plan.dialect.kernel_order
     eps = block.eps if block.eps is not None else plan.eps
     slabs = _block_slabs(reader, block, eps, plan.source, layout, plan.bn_eps)
     for rows, tensors in slabs:
@@ -522,7 +522,7 @@ def _fuse_blocks(
     Raises:
         VerificationError: a fused block does not reproduce its branches.
     """
-    layout = plan.dialect.kernel_layout
+    layout = plan.dialect.kernel_order
     rng = np.random.default_rng(options.seed) if options.check else None
     reports: list[BlockReport] = []
     failures: list[str] = []
@@ -706,11 +706,17 @@ def fuse_checkpoint(
                 "acnet_convert.source": source.name,
             }
         )
+        import json
+
+        if options.renames:
+            metadata["acnet_convert.renames"] = json.dumps([list(r) for r in options.renames])
+        if options.eps is not None:
+            metadata["acnet_convert.eps_option"] = repr(options.eps)
+        if options.fold_bn:
+            metadata["acnet_convert.fold_bn"] = "true"
         aliases = {b.spec.label: b.alias_of for b in plan.blocks if b.alias_of}
         aliases.update({f"{a} ({d})": p for a, d, p in plan.dropped_aliases})
         if aliases:
-            import json
-
             metadata["acnet_convert.aliases"] = json.dumps(aliases)
 
         feed = _OutputFeed(reader, plan, scratch.raw)
@@ -743,6 +749,7 @@ def fuse_checkpoint(
             if k in reader.metadata
         )
         notes += plan_notes(plan)
+        notes += _extension_notes(source)
         report = FuseReport(
             source=str(source),
             output=str(output),
@@ -762,6 +769,14 @@ def fuse_checkpoint(
             notes=notes,
         )
     return report
+
+
+def _extension_notes(source: Path) -> tuple[str, ...]:
+    """The note that the file's extension does not match its content, if so (a 32-byte read)."""
+    from acnet_convert.checkpoint.sniff import extension_note, sniff_format
+
+    note = extension_note(source, sniff_format(source))
+    return (note,) if note else ()
 
 
 def _confirm_written(

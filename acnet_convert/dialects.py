@@ -228,7 +228,9 @@ def _blocks_of(dialect: Dialect, keys: Mapping[str, object]) -> list[BlockSpec]:
                 dialect=dialect.name,
                 square=square,
                 branches=tuple(
-                    b for names in dialect.branches for b in _resolve_branches(names, fields, keys)
+                    b
+                    for names in (*dialect.branches, *dialect.extra_branches)
+                    for b in _resolve_branches(names, fields, keys)
                 ),
                 last_bn=_resolve_bn(dialect.last_bn, fields, keys),
                 fused_weight=dialect.fused_weight.format(**fields),

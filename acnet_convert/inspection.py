@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ class Inspection:
     metadata: dict[str, str]
     plan: FusionPlan | None
     problem: ACNetConvertError | None
+    notes: tuple[str, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         plan = self.plan
@@ -75,7 +76,9 @@ class Inspection:
                 }
                 for b in (plan.blocks if plan else ())
             ],
+            "suspicious": [x.as_json() for x in plan.suspects] if plan else [],
             "problem": str(self.problem) if self.problem else None,
+            "notes": list(self.notes),
         }
 
 
@@ -97,7 +100,7 @@ def inspect_checkpoint(
         plan: FusionPlan | None = None
         problem: ACNetConvertError | None = None
         try:
-            plan = plan_fusion(reader, options)
+            plan = plan_fusion(reader, replace(options, allow_unfused=True))
         except NoBlockFound:
             pass
         except UnfusableBlockError as err:
@@ -113,7 +116,15 @@ def inspect_checkpoint(
             metadata=dict(reader.metadata),
             plan=plan,
             problem=problem,
+            notes=_notes(path),
         )
+
+
+def _notes(path: Path) -> tuple[str, ...]:
+    from acnet_convert.checkpoint.sniff import extension_note, sniff_format
+
+    note = extension_note(path, sniff_format(path))
+    return (note,) if note else ()
 
 
 def _shown(text: str) -> str:
@@ -140,6 +151,8 @@ def render_inspection(result: Inspection, console: Any) -> None:
     if result.prefix:
         head += f", keys prefixed '{_shown(result.prefix)}'"
     console.print(head)
+    for note in result.notes:
+        console.print(f"note: {_shown(note)}")
     if result.dropped:
         console.print(f"other entries (dropped on fuse): {_shown(', '.join(result.dropped))}")
     table = Table(title=f"{len(result.listed)} of {len(result.tensors)} tensors")
@@ -175,6 +188,11 @@ def render_inspection(result: Inspection, console: Any) -> None:
             _shown(", ".join(k for k, _ in b.outputs)),
         )
     console.print(blocks)
+    for suspect in plan.suspects:
+        console.print(
+            f"[yellow]suspicious:[/] {_shown(suspect.name)} ({len(suspect.keys)} tensors): "
+            f"looks like {_shown(suspect.what)}; fuse refuses it unless --allow-unfused"
+        )
     console.print(
         f"total: {params:,} parameters, {nbytes:,} bytes now; "
         f"{plan.params_after:,} parameters, {plan.bytes_after:,} bytes after fusing"

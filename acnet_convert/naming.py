@@ -83,7 +83,8 @@ class Dialect:
     the source's value (PaddleClas names the BN of conv ``res2a_branch2b``
     ``bn2a_branch2b``). ``label`` says how a block is shown to people.
     ``square`` is the primary branch (its kernel is the target's), ``branches``
-    the others (N of them, any kind). ``family`` groups dialects; blocks of
+    the others (N of them, any kind); ``extra_branches`` optional ones some
+    variants add (ACNet's dilated corner branch). ``family`` groups dialects; blocks of
     different families may be mixed in one checkpoint. ``exclusive``
     dialects are alternative namings of one block (ACNet's ports): of a
     family's exclusive dialects only one explains a checkpoint (the others
@@ -93,7 +94,8 @@ class Dialect:
     timm's blocks). ``validate`` is the family's own geometry rule, called
     with the block's :class:`~acnet_convert.blocks.BlockGeometry`; it returns
     a problem or None. Kernels are stored ``OIHW`` (PyTorch, Paddle) or
-    ``HWIO`` (Keras): ``kernel_layout`` is that kernel order.
+    ``HWIO`` (Keras): ``kernel_order`` says which (``kernel_layout`` is its old name;
+    "layout" now means only the output key naming, see :data:`acnet_convert.plan.LAYOUTS`).
     ``default_eps`` is the BN epsilon of the framework the dialect comes from.
 
     The generic dialect has no anchor and no branch templates (``None``):
@@ -110,12 +112,18 @@ class Dialect:
     branches: tuple[BranchNames, ...] | None = None
     last_bn: BNNames | None = None
     derived: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = ()
-    kernel_layout: str = "OIHW"
+    kernel_order: str = "OIHW"
     default_eps: float = 1e-5
+    extra_branches: tuple[BranchNames, ...] = ()
     family: str = "acnet"
     exclusive: bool = True
     requires_any: tuple[str, ...] = ()
     validate: Callable[[Any], str | None] | None = field(default=None, compare=False)
+
+    @property
+    def kernel_layout(self) -> str:
+        """The old name of :attr:`kernel_order`, kept for callers of 0.1."""
+        return self.kernel_order
 
     def fields_for(self, key: str) -> dict[str, str] | None:
         """Template fields when ``key`` is a primary kernel of this dialect, else None.
@@ -152,6 +160,7 @@ class Dialect:
         }
         named: list[tuple[str, BranchNames | None]] = [("square", self.square)]
         named += [(f"branches[{i}]", b) for i, b in enumerate(self.branches or ())]
+        named += [(f"extra_branches[{i}]", b) for i, b in enumerate(self.extra_branches)]
         for where, branch in named:
             while branch is not None:
                 if branch.weight is not None:

@@ -12,6 +12,7 @@ import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from acnet_convert.accounting import Suspect, find_suspects, suspects_message
 from acnet_convert.blocks import BlockGeometry, block_geometry
@@ -25,12 +26,42 @@ __all__ = [
     "LAYOUTS",
     "FuseOptions",
     "FusionPlan",
+    "NamingOptions",
     "PlannedBlock",
     "plan_fusion",
     "plan_notes",
 ]
 
 LAYOUTS = ("deploy", "baseline", "baseline-bias")
+
+
+@dataclass(frozen=True)
+class NamingOptions:
+    """How TRAIN's blocks are found and FUSED's keys named: shared by fuse, inspect,
+    verify and ``fuse_and_load`` (vary it with ``dataclasses.replace``).
+
+    ``dialect`` forces a family or dialect; ``extra_dialects`` come from
+    ``--patterns``; ``renames`` are ``(regex, replacement)`` pairs applied to
+    output names; ``eps`` None means each family's default (or the file's).
+    ``fold_bn`` also folds plain conv+BN units.
+    """
+
+    dialect: str | None = None
+    extra_dialects: tuple[Dialect, ...] = ()
+    renames: tuple[tuple[str, str], ...] = ()
+    eps: float | None = None
+    fold_bn: bool = False
+
+    def fuse_options(self, **other: Any) -> FuseOptions:
+        """:class:`FuseOptions` with these naming options (and ``other`` fields)."""
+        return FuseOptions(
+            dialect=self.dialect,
+            extra_dialects=self.extra_dialects,
+            renames=self.renames,
+            eps=self.eps,
+            fold_bn=self.fold_bn,
+            **other,
+        )
 
 
 @dataclass(frozen=True)
@@ -52,6 +83,13 @@ class FuseOptions:
     seed: int = 0
     allow_unfused: bool = False
     fold_bn: bool = False
+
+    @property
+    def naming(self) -> NamingOptions:
+        """The naming part of these options."""
+        return NamingOptions(
+            self.dialect, self.extra_dialects, self.renames, self.eps, self.fold_bn
+        )
 
 
 @dataclass(frozen=True)
@@ -87,6 +125,8 @@ class FusionPlan:
     dropped_aliases: tuple[tuple[str, str, str], ...] = ()
     # BN running-mean key -> the epsilon the file declares for it (used unless --eps is given)
     bn_eps: Mapping[str, float] = field(default_factory=dict)
+    # (running-mean key, declared eps) of BNs whose declared eps --eps overrides
+    eps_overridden: tuple[tuple[str, float], ...] = ()
     dialects: tuple[Dialect, ...] = ()
     # tensors that look like unfused training-time parts (passed through with --allow-unfused)
     suspects: tuple[Suspect, ...] = ()
@@ -175,6 +215,98 @@ def _detect(
     return detection, specs
 
 
+def _plan_blocks(
+    specs: Sequence[BlockSpec],
+    detection: Detection,
+    options: FuseOptions,
+    infos: Mapping[str, TensorInfo],
+    source: str,
+) -> tuple[list[PlannedBlock], dict[str, int], list[tuple[str, str, str]]]:
+    """Each block checked and given its outputs; which block owns which key; dropped aliases."""
+    planned: list[PlannedBlock] = []
+    owner: dict[str, int] = {}
+    dropped = [
+        (a.block.label, a.block.dialect, a.primary.label) for a in detection.aliases if not a.copy
+    ]
+    for dropped_alias in detection.aliases:
+        if not dropped_alias.copy:
+            owner.update(dict.fromkeys(dropped_alias.block.keys(), _DROPPED))
+    for spec in specs:
+        own = FOLD_BN if spec.family == FOLD_BN.family else detection.dialect_of(spec)
+        geometry = block_geometry(spec, infos, source, own.kernel_order, own.validate)
+        for key in spec.keys():  # noqa: SIM118 - BlockSpec.keys(), not a dict
+            if key in owner:
+                raise UnfusableBlockError(
+                    f"{source}: key '{key}' belongs to two blocks, "
+                    f"'{planned[owner[key]].spec.label}' and '{spec.label}'"
+                )
+            owner[key] = len(planned)
+        alias = detection.alias_of(spec)
+        planned.append(
+            PlannedBlock(
+                spec,
+                geometry,
+                _layout_outputs("deploy" if own is FOLD_BN else options.layout, spec),
+                alias_of=alias.primary.label if alias else None,
+                eps=options.eps if options.eps is not None else _default_eps(own, detection),
+            )
+        )
+    return planned, owner, dropped
+
+
+def _lay_out(
+    infos: Mapping[str, TensorInfo],
+    owner: Mapping[str, int],
+    planned: Sequence[PlannedBlock],
+    kernel_order: str,
+) -> tuple[list[TensorInfo], dict[str, str]]:
+    """Every output tensor in file order (a block's where its first key was), and which
+    input each pass-through output copies."""
+    outputs: list[TensorInfo] = []
+    origins: dict[str, str] = {}
+    emitted: set[int] = set()
+    for key, info in infos.items():
+        index = owner.get(key)
+        if index == _DROPPED:
+            continue
+        if index is None:
+            outputs.append(TensorInfo(key, info.dtype, info.shape))
+            origins[key] = key
+        elif index not in emitted:
+            emitted.add(index)
+            block = planned[index]
+            outputs.extend(
+                _output_info(out_key, role, block.geometry, kernel_order)
+                for out_key, role in block.outputs
+            )
+    return outputs, origins
+
+
+def _renamed(
+    outputs: Sequence[TensorInfo],
+    origins: Mapping[str, str],
+    renames: Sequence[tuple[str, str]],
+    source: str,
+) -> tuple[list[TensorInfo], dict[str, str]]:
+    """The outputs after ``--rename``; refuses two outputs under one name."""
+    renamed = [TensorInfo(_rename(t.name, renames), t.dtype, t.shape) for t in outputs]
+    seen: dict[str, str] = {}
+    for before, after in zip(outputs, renamed, strict=True):
+        if after.name in seen:
+            what = "after --rename " if renames else ""
+            raise (UsageError if renames else UnfusableBlockError)(
+                f"{source}: output key '{after.name}' {what}would be written twice "
+                f"(from '{seen[after.name]}' and '{before.name}'); does the checkpoint already hold fused weights?"
+            )
+        seen[after.name] = before.name
+    final_origins = {
+        after.name: origins[before.name]
+        for before, after in zip(outputs, renamed, strict=True)
+        if before.name in origins
+    }
+    return renamed, final_origins
+
+
 def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
     """Find and check every block and lay out the output, from the index alone.
 
@@ -193,54 +325,11 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
         raise UsageError(f"--eps must be a non-negative number, got {eps}")
     if options.layout not in LAYOUTS:
         raise UsageError(f"unknown layout '{options.layout}'; choose one of {', '.join(LAYOUTS)}")
-    planned: list[PlannedBlock] = []
-    owner: dict[str, int] = {}
-    dropped = [
-        (a.block.label, a.block.dialect, a.primary.label) for a in detection.aliases if not a.copy
-    ]
-    for dropped_alias in detection.aliases:
-        if not dropped_alias.copy:
-            owner.update(dict.fromkeys(dropped_alias.block.keys(), _DROPPED))
-    for spec in specs:
-        own = FOLD_BN if spec.family == FOLD_BN.family else detection.dialect_of(spec)
-        geometry = block_geometry(spec, infos, source, own.kernel_layout, own.validate)
-        for key in spec.keys():  # noqa: SIM118 - BlockSpec.keys(), not a dict
-            if key in owner:
-                raise UnfusableBlockError(
-                    f"{source}: key '{key}' belongs to two blocks, "
-                    f"'{planned[owner[key]].spec.label}' and '{spec.label}'"
-                )
-            owner[key] = len(planned)
-        alias = detection.alias_of(spec)
-        planned.append(
-            PlannedBlock(
-                spec,
-                geometry,
-                _layout_outputs("deploy" if own is FOLD_BN else options.layout, spec),
-                alias_of=alias.primary.label if alias else None,
-                eps=options.eps if options.eps is not None else _default_eps(own, detection),
-            )
-        )
-
-    outputs: list[TensorInfo] = []
-    origins: dict[str, str] = {}
-    emitted: set[int] = set()
-    for key, info in infos.items():
-        index = owner.get(key)
-        if index == _DROPPED:
-            continue
-        if index is None:
-            outputs.append(TensorInfo(key, info.dtype, info.shape))
-            origins[key] = key
-        elif index not in emitted:
-            emitted.add(index)
-            block = planned[index]
-            outputs.extend(
-                _output_info(out_key, role, block.geometry, dialect.kernel_layout)
-                for out_key, role in block.outputs
-            )
+    planned, owner, dropped = _plan_blocks(specs, detection, options, infos, source)
+    outputs, origins = _lay_out(infos, owner, planned, dialect.kernel_order)
     if options.layout == "baseline":
         _refuse_taken_bn(planned, origins, source)
+    bn_eps, overridden = _file_epsilons(reader, options)
     suspects = find_suspects(
         [(b.spec, (b.geometry.out_channels, b.geometry.in_per_group)) for b in planned],
         list(origins),
@@ -251,21 +340,7 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
     )
     if suspects and not options.allow_unfused:
         raise UnfusableBlockError(suspects_message(source, suspects))
-    renamed = [TensorInfo(_rename(t.name, options.renames), t.dtype, t.shape) for t in outputs]
-    seen: dict[str, str] = {}
-    for before, after in zip(outputs, renamed, strict=True):
-        if after.name in seen:
-            what = "after --rename " if options.renames else ""
-            raise (UsageError if options.renames else UnfusableBlockError)(
-                f"{source}: output key '{after.name}' {what}would be written twice "
-                f"(from '{seen[after.name]}' and '{before.name}'); does the checkpoint already hold fused weights?"
-            )
-        seen[after.name] = before.name
-    final_origins = {
-        after.name: origins[before.name]
-        for before, after in zip(outputs, renamed, strict=True)
-        if before.name in origins
-    }
+    renamed, final_origins = _renamed(outputs, origins, options.renames, source)
     return FusionPlan(
         source=source,
         dialect=dialect,
@@ -287,10 +362,21 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
         bytes_before=sum(t.nbytes for k, t in infos.items()),
         bytes_after=sum(t.nbytes for t in renamed),
         dropped_aliases=tuple(dropped),
-        bn_eps={} if options.eps is not None else dict(getattr(reader, "bn_epsilons", None) or {}),
+        bn_eps=bn_eps,
+        eps_overridden=overridden,
         dialects=detection.dialects,
         suspects=suspects,
     )
+
+
+def _file_epsilons(
+    reader: CheckpointReader, options: FuseOptions
+) -> tuple[dict[str, float], tuple[tuple[str, float], ...]]:
+    """The reader's per-BN epsilons (``bn_epsilons``) to use, and those ``--eps`` overrides."""
+    declared = dict(getattr(reader, "bn_epsilons", None) or {})
+    if options.eps is None:
+        return declared, ()
+    return {}, tuple((k, e) for k, e in declared.items() if e != options.eps)
 
 
 _DROPPED = -1  # owner of the keys of an alias block that is dropped
@@ -335,6 +421,19 @@ def plan_notes(plan: FusionPlan) -> tuple[str, ...]:
         f"'{plan.dialect.name}' block '{primary}' (another naming of it)"
         for alias, dialect, primary in plan.dropped_aliases
     ]
+    used = [k for b in plan.blocks for k in b.consumed if k in plan.bn_eps]
+    if used:
+        values = ", ".join(f"{e:g}" for e in sorted({plan.bn_eps[k] for k in used}))
+        notes.append(
+            f"used the epsilon the file declares for each of {len(used)} BN(s) ({values}) "
+            "instead of the dialect's default; --eps overrides it"
+        )
+    if plan.eps_overridden:
+        key, declared = plan.eps_overridden[0]
+        notes.append(
+            f"--eps {plan.eps:g} overrides the epsilon the file declares for "
+            f"{len(plan.eps_overridden)} BN(s) (e.g. {declared:g} for '{key}')"
+        )
     folded = [b for b in plan.blocks if b.spec.family == FOLD_BN.family]
     if folded:
         notes.append(

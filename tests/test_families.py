@@ -376,3 +376,111 @@ def test_stream_slabs_agree_with_one_slab(monkeypatch: pytest.MonkeyPatch, tmp_p
         assert all(b.passed for b in slabbed.blocks)
         for key, value in whole.items():
             np.testing.assert_array_equal(slabbed.tensors[key], value)
+
+
+def test_a_user_toml_family_with_branch_kinds(tmp_path: Path, run_cli: Any) -> None:
+    """A patterns file can describe a new family: N branches, each with a kind."""
+    toml = tmp_path / "myrep.toml"
+    toml.write_text(
+        """
+[[dialect]]
+name = "myrep"
+family = "myrep"
+anchor = '(?P<p>(?:.+\\.)?)big\\.conv\\.weight'
+fused_weight = "{p}deployed.weight"
+fused_bias = "{p}deployed.bias"
+square = { weight = "{p}big.conv.weight", bn = "{p}big.bn" }
+branches = [
+  { weight = "{p}point.conv.weight", bn = "{p}point.bn" },
+  { kind = "identity", bn = "{p}skip" },
+]
+""",
+        encoding="utf-8",
+    )
+    rng = np.random.default_rng(31)
+    sd: State = {}
+    _conv(rng, sd, "m.big.conv.weight", (4, 4, 3, 3))
+    _bn(rng, sd, "m.big.bn", 4)
+    _conv(rng, sd, "m.point.conv.weight", (4, 4, 1, 1))
+    _bn(rng, sd, "m.point.bn", 4)
+    _bn(rng, sd, "m.skip", 4)
+    src, dst = tmp_path / "t.safetensors", tmp_path / "o.safetensors"
+    save_file(sd, str(src))
+    run_cli("fuse", src, dst, "--patterns", toml)
+    out = load_file(str(dst))
+    assert set(out) == {"m.deployed.weight", "m.deployed.bias"}
+    case = Case(
+        sd,
+        lambda x: (
+            _conv_bn(sd, "m.big.conv.weight", "m.big.bn", x, 3, 1)
+            + _conv_bn(sd, "m.point.conv.weight", "m.point.bn", x, 3, 1)
+            + _identity(sd, "m.skip", x, 3)
+        ),
+        "m.deployed",
+        3,
+        1,
+        4,
+    )
+    _fused_matches(case, out, seed=3)
+
+
+def test_fold_bn_is_off_by_default_and_named_in_the_report(tmp_path: Path, run_cli: Any) -> None:
+    rng = np.random.default_rng(41)
+    sd: State = dict(repvgg_case("repvgg").state)
+    _conv(rng, sd, "stem.conv.weight", (4, 3, 3, 3))
+    _bn(rng, sd, "stem.bn", 4)
+    src = tmp_path / "t.safetensors"
+    save_file(sd, str(src))
+    plain, folded = tmp_path / "plain.safetensors", tmp_path / "folded.safetensors"
+    run_cli("fuse", src, plain, "--quiet")
+    assert {"stem.conv.weight", "stem.bn.running_var"} <= set(load_file(str(plain)))
+    import json
+
+    report = json.loads(run_cli("fuse", src, folded, "--fold-bn", "--json").stdout)
+    assert any(n.startswith("--fold-bn: folded 1 conv+BN unit") for n in report["notes"])
+    assert "conv-bn" in {b["family"] for b in report["blocks"]}
+    out = load_file(str(folded))
+    assert "stem.bn.running_var" not in out and "stem.conv.bias" in out
+    x = _t(rng.normal(size=(2, 3, 5, 5)))
+    want = _conv_bn(sd, "stem.conv.weight", "stem.bn", x, 3, 1)
+    got = F.conv2d(x, _t(out["stem.conv.weight"]), _t(out["stem.conv.bias"]))
+    assert (got - want).abs().max().item() <= 1e-10 * want.abs().max().item()
+
+
+def _depthwise_avg_state() -> State:
+    """A depthwise DBB block: dbb_origin and a dbb_avg without its conv (avg pool + avgbn)."""
+    rng = np.random.default_rng(9)
+    sd: State = {}
+    _conv(rng, sd, "b.dbb_origin.conv.weight", (4, 1, 3, 3))
+    _bn(rng, sd, "b.dbb_origin.bn", 4)
+    _bn(rng, sd, "b.dbb_avg.avgbn", 4)
+    return sd
+
+
+@pytest.mark.parametrize(
+    ("case", "transform"),
+    [("repvgg", "identity_kernel"), ("dbb-idconv1", "compose_1x1_kxk"), (None, "avg_kernel")],
+)
+def test_the_block_check_catches_a_wrong_branch_transform(
+    case: str | None,
+    transform: str,
+    tmp_path: Path,
+    run_cli: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The references share no code with the transforms: a transform off by 1e-6 is caught."""
+    import acnet_convert.kinds as kinds
+
+    real = getattr(kinds, transform)
+
+    def off(*args: Any, **kwargs: Any) -> Any:
+        got = real(*args, **kwargs)
+        if isinstance(got, tuple):
+            return (got[0] * (1 + 1e-6), got[1])
+        return got * (1 + 1e-6)
+
+    monkeypatch.setattr(kinds, transform, off)
+    src = tmp_path / "t.safetensors"
+    save_file(CASES[case]().state if case else _depthwise_avg_state(), str(src))
+    result = run_cli("fuse", src, tmp_path / "o.safetensors", expect=1)
+    assert "does not reproduce the training-time branches" in result.stderr

@@ -6,7 +6,9 @@ h5); the generic shape rule (:mod:`acnet_convert.generic`) and user TOML files
 describe the same family. ACNet's own geometry rule, :func:`validate_acnet`:
 an odd square kernel of 3 or more, and exactly one 1xk and one kx1 branch of
 odd length no longer than the square (told apart by shape, not by name: some
-ports swap what "ver" and "hor" mean).
+ports swap what "ver" and "hor" mean). Upstream-named blocks may carry a fourth,
+dilated branch (``corner_conv``/``corner_bn``: a 2x2 conv with dilation 2, the
+square's corners), fused like the others.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def validate_acnet(geometry: Any) -> str | None:
             f"'{first.key}' has a {kh}x{kw} kernel; an asymmetric block needs an odd "
             "square kernel of size 3 or more"
         )
-    others = geometry.branches[1:]
+    others = [b for b in geometry.branches[1:] if b.dilation == 1]  # corners are extra
     shapes = [b.kernel for b in others]
     kinds = sorted(
         "hor" if h == 1 and w > 1 else "ver" if w == 1 and h > 1 else "bad" for h, w in shapes
@@ -92,6 +94,17 @@ DIALECTS: tuple[Dialect, ...] = (
         anchor=TORCH_PREFIX + r"square_conv\.weight",
         square=_torch_branch("square_conv", "square_bn"),
         branches=(_torch_branch("hor_conv", "hor_bn"), _torch_branch("ver_conv", "ver_bn")),
+        # a fourth branch some variants add: a 2x2 conv with dilation 2 (the square's corners)
+        extra_branches=(
+            BranchNames(
+                "{p}corner_conv.weight",
+                "{p}corner_conv.bias",
+                bn_names("{p}corner_bn"),
+                optional=True,
+                dilation=2,
+                role="corner_conv",
+            ),
+        ),
         last_bn=bn_names("{p}last_bn"),
         fused_weight="{p}fused_conv.weight",
         fused_bias="{p}fused_conv.bias",
@@ -136,8 +149,13 @@ DIALECTS: tuple[Dialect, ...] = (
         anchor=r"(?P<n>.+)_acsquare_weights",
         # PaddleClas' ResNet_ACNet: bn_name = "bn_" + name if name == "conv1" else "bn" + name[3:]
         derived=(("b", "n", ((r"conv1", r"bn_conv1"), (r"...(.+)", r"bn\1"))),),
+        # A fluid conv2d named '<n>.acsquare.conv2d.output.1' without bias_attr=False gets an
+        # auto-named bias: folded like any conv bias when present.
         square=BranchNames(
-            "{n}_acsquare_weights", None, bn_names("{b}_acsquare", style="paddle"), role="acsquare"
+            "{n}_acsquare_weights",
+            "{n}.acsquare.conv2d.output.1.b_0",
+            bn_names("{b}_acsquare", style="paddle"),
+            role="acsquare",
         ),
         branches=(
             BranchNames(
@@ -163,7 +181,7 @@ DIALECTS: tuple[Dialect, ...] = (
         fused_weight="{n}/{n}/kernel:0",
         fused_bias="{n}/{n}/bias:0",
         label="{n}",
-        kernel_layout="HWIO",
+        kernel_order="HWIO",
         default_eps=1e-3,
         validate=validate_acnet,
     ),
