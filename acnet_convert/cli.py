@@ -79,9 +79,12 @@ def _naming_options(fn: F) -> F:
         help="TOML file defining extra naming dialects (see README).",
     )(fn)
     return click.option(
+        "--family",
         "--dialect",
+        "dialect",
         default=None,
-        help="Force a naming dialect instead of detecting it (see 'inspect').",
+        help="Force a block family (acnet, dbb, repvgg, repconv, mobileone, timm, replknet) "
+        "or one naming dialect instead of detecting it (see 'inspect').",
     )(fn)
 
 
@@ -144,6 +147,9 @@ def _fuse_options(
     patterns: Path | None,
     rename: Sequence[str],
     trust_pickle: bool,
+    *,
+    fold_bn: bool = False,
+    allow_unfused: bool = False,
 ) -> Any:
     from acnet_convert.plan import FuseOptions
 
@@ -155,6 +161,8 @@ def _fuse_options(
         extra_dialects=_load_patterns(patterns),
         renames=_parse_renames(rename),
         trust_pickle=trust_pickle,
+        fold_bn=fold_bn,
+        allow_unfused=allow_unfused,
     )
 
 
@@ -225,6 +233,18 @@ def _details(report: Any) -> list[str]:
 )
 @click.option("--dry-run", is_flag=True, help="Show what would be written, write nothing.")
 @click.option(
+    "--fold-bn",
+    is_flag=True,
+    help="Also fold every plain conv followed by its own BN (<b>.conv + <b>.bn, "
+    "<b>.<i> + <b>.<i+1>) into the conv's weight and bias.",
+)
+@click.option(
+    "--allow-unfused",
+    is_flag=True,
+    help="Copy tensors that look like unfused training-time branches through, with a note, "
+    "instead of refusing (exit 3).",
+)
+@click.option(
     "--out-dir",
     type=click.Path(path_type=Path, file_okay=False),
     default=None,
@@ -255,6 +275,8 @@ def fuse(
     patterns: Path | None,
     rename: tuple[str, ...],
     dry_run: bool,
+    fold_bn: bool,
+    allow_unfused: bool,
     out_dir: Path | None,
     jobs: int,
     quiet: bool,
@@ -269,7 +291,17 @@ def fuse(
     Before writing, each fused block is checked numerically against its
     branches; the output appears only when everything succeeded.
     """
-    options = _fuse_options(eps, no_check, layout, dialect, patterns, rename, trust_pickle)
+    options = _fuse_options(
+        eps,
+        no_check,
+        layout,
+        dialect,
+        patterns,
+        rename,
+        trust_pickle,
+        fold_bn=fold_bn,
+        allow_unfused=allow_unfused,
+    )
     if out_dir is not None:
         sys.exit(_fuse_batch(paths, out_dir, to_format, options, force, jobs, quiet, as_json))
     if len(paths) != 2:
@@ -568,7 +600,26 @@ _VERIFY_ROWS = 12
     show_default=True,
     help="FUSED's layout; auto: found from its keys.",
 )
-@click.option("--dialect", default=None, help="Force TRAIN's naming dialect (see 'inspect').")
+@click.option(
+    "--family",
+    "--dialect",
+    "dialect",
+    default=None,
+    help="Force TRAIN's block family or naming dialect (see 'inspect'). "
+    "[default: what FUSED records, else detected]",
+)
+@click.option(
+    "--patterns",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="TOML file defining extra naming dialects, as given to 'fuse'.",
+)
+@click.option(
+    "--rename",
+    multiple=True,
+    metavar="REGEX=REPLACEMENT",
+    help="The renames given to 'fuse' (repeatable). [default: what FUSED records]",
+)
 @click.option(
     "--eps",
     type=float,
@@ -642,6 +693,8 @@ def verify(
     list_archs: bool,
     layout: str,
     dialect: str | None,
+    patterns: Path | None,
+    rename: tuple[str, ...],
     eps: float | None,
     seed: int,
     batch: int,
@@ -709,6 +762,8 @@ def verify(
             atol=atol,
             trust_pickle=trust_pickle,
             allow_extra=allow_extra,
+            extra_dialects=_load_patterns(patterns),
+            renames=_parse_renames(rename),
         )
         try:
             if quiet or not err.is_terminal:

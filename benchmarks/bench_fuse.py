@@ -21,8 +21,15 @@ It prints median wall times, the ratios, the fuse process's peak RSS (from
 ``wait4``) against the file size, whether the fuse process imported torch
 (``python -X importtime``), and the wall time of ``acnet-convert --help``.
 
+With ``--nets`` it also times re-parameterization family checkpoints of the
+same kind (benchmarks/family_states.py): ``dbb_res18`` (DiverseBranchBlock
+ResNet-18, ~105 MB) and ``repvgg_a0`` (RepVGG-A0, ~37 MB), held to the same
+targets as ACNet's ResNet-50 at width 1 (the upstream-style converter is
+ACNet's, so it runs only for ``sres50``).
+
     python benchmarks/bench_fuse.py            # about 3-4 minutes on 2 cores
     python benchmarks/bench_fuse.py --quick    # fewer repetitions
+    python benchmarks/bench_fuse.py --nets sres50,dbb_res18,repvgg_a0 --widths 1
 """
 
 from __future__ import annotations
@@ -36,12 +43,13 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 FORMATS = ("pth", "hdf5", "safetensors")
+NETS = ("sres50", "dbb_res18", "repvgg_a0")
 SUFFIXES = {"pth": ".pth", "hdf5": ".hdf5", "safetensors": ".safetensors"}
 # Upstream constants.py RESNET50_ORIGIN_DEPS_FLATTENED, per stage: (mid, out, blocks).
 RESNET50_STAGES = ((64, 256, 3), (128, 512, 4), (256, 1024, 6), (512, 2048, 3))
@@ -129,6 +137,24 @@ def write_inputs(state: dict[str, Any], stem: Path, formats: Sequence[str]) -> d
             save_file(state, str(path))
         paths[fmt] = path
     return paths
+
+
+def checkpoints(
+    nets: str, widths: Sequence[int], seed: int
+) -> list[tuple[str, int, Callable[[], dict[str, Any]]]]:
+    """(name, width, state factory) for each requested net; families run at width 1 only."""
+    from family_states import dbb_resnet18_state, repvgg_a0_state
+
+    families = {"dbb_res18": dbb_resnet18_state, "repvgg_a0": repvgg_a0_state}
+    out: list[tuple[str, int, Callable[[], dict[str, Any]]]] = []
+    for net in [n for n in nets.split(",") if n]:
+        if net == "sres50":
+            out += [(net, w, lambda w=w: resnet50_state(w, seed)) for w in widths]
+        elif net in families:
+            out.append((net, 1, lambda f=families[net]: f(seed)))
+        else:
+            raise SystemExit(f"unknown net {net!r}; choose from {', '.join(NETS)}")
+    return out
 
 
 # --- the baselines, run as subprocesses of this file ------------------------------
@@ -269,7 +295,9 @@ def imports_torch(cli: list[str], src: Path, dst: Path) -> bool:
     return any(n == "torch" or n.startswith("torch.") for n in names)
 
 
-def commands(fmt: str, src: Path, out_dir: Path, cli: list[str]) -> dict[str, list[str]]:
+def commands(
+    fmt: str, src: Path, out_dir: Path, cli: list[str], acnet: bool = True
+) -> dict[str, list[str]]:
     me = [sys.executable, str(Path(__file__).resolve())]
     dst = str(out_dir / f"out{SUFFIXES[fmt]}")
     cmds = {
@@ -277,7 +305,7 @@ def commands(fmt: str, src: Path, out_dir: Path, cli: list[str]) -> dict[str, li
         "cp": ["cp", str(src), dst],
         "torch": [*me, "--torch-round-trip", fmt, str(src), dst],
     }
-    if fmt == "hdf5":
+    if fmt == "hdf5" and acnet:
         cmds["upstream"] = [*me, "--upstream-convert", str(src), dst]
     return cmds
 
@@ -304,6 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--widths", default="1,2", help="width multipliers (1: ResNet-50; 2: 4x size)"
     )
     parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument(
+        "--nets", default="sres50", help=f"checkpoints, comma-separated: {', '.join(NETS)}"
+    )
     parser.add_argument("--tmpdir", type=Path, default=None, help="where to put the files")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -329,21 +360,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out_dir = work / "out"
         out_dir.mkdir()
-        for width in widths:
+        for net, width, make_state in checkpoints(args.nets, widths, args.seed):
             reps = args.reps or (
                 (2 if width == 1 else 1) if args.quick else (5 if width == 1 else 3)
             )
             gen = time.perf_counter()
-            state = resnet50_state(width, args.seed)
-            inputs = write_inputs(state, work / f"sres50_w{width}_train", formats)
+            state = make_state()
+            inputs = write_inputs(state, work / f"{net}_w{width}_train", formats)
             del state
             print(
-                f"width {width}: wrote {', '.join(p.name for p in inputs.values())} "
+                f"{net} width {width}: wrote {', '.join(p.name for p in inputs.values())} "
                 f"in {time.perf_counter() - gen:.1f} s",
                 file=sys.stderr,
             )
             samples = {fmt: {} for fmt in formats}  # type: dict[str, dict[str, Samples]]
-            plans = {fmt: commands(fmt, inputs[fmt], out_dir, cli) for fmt in formats}
+            acnet = net == "sres50"
+            plans = {fmt: commands(fmt, inputs[fmt], out_dir, cli, acnet) for fmt in formats}
             torch_used = {
                 fmt: imports_torch(cli, inputs[fmt], out_dir / f"probe{SUFFIXES[fmt]}")
                 for fmt in formats
@@ -358,7 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for name in names[shift:] + names[:shift]:
                         seconds, rss, _ = run_measured(plans[fmt][name])
                         clear(out_dir)
-                        print(f"  x{width**2} .{fmt} {name}: {seconds:.3f} s", file=sys.stderr)
+                        print(
+                            f"  {net} x{width**2} .{fmt} {name}: {seconds:.3f} s", file=sys.stderr
+                        )
                         got = samples[fmt].setdefault(name, Samples())
                         got.seconds.append(seconds)
                         got.peak_rss.append(rss)
@@ -366,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 s = samples[fmt]
                 rows.append(
                     {
+                        "net": net,
                         "width": width,
                         "format": fmt,
                         "size": inputs[fmt].stat().st_size,
@@ -401,17 +436,17 @@ def print_report(rows: list[dict[str, Any]], help_s: float, total_s: float) -> N
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"machine: {usable} of {os.cpu_count()} CPUs ({cpu}), Python {sys.version.split()[0]}")
     head = (
-        f"{'checkpoint':<22}{'MB':>6}{'n':>3}{'fuse s':>8}{'cp s':>7}{'torch s':>8}{'upstr s':>8}"
+        f"{'checkpoint':<26}{'MB':>6}{'n':>3}{'fuse s':>8}{'cp s':>7}{'torch s':>8}{'upstr s':>8}"
         f"{'f/cp':>7}{'f/torch':>8}{'f/upstr':>8}{'RSS MB':>8}{'RSS/size':>9}{'torch?':>7}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
-        name = f"sres50 x{r['width'] ** 2} .{r['format']}"
+        name = f"{r['net']} x{r['width'] ** 2} .{r['format']}"
         upstream = f"{r['upstream']:.3f}" if r["upstream"] is not None else "-"
         torch_seen = "yes" if r["torch_imported"] else "no"
         print(
-            f"{name:<22}{r['size'] / 1e6:>6.0f}{r['reps']:>3}{r['fuse']:>8.3f}{r['cp']:>7.3f}"
+            f"{name:<26}{r['size'] / 1e6:>6.0f}{r['reps']:>3}{r['fuse']:>8.3f}{r['cp']:>7.3f}"
             f"{r['torch']:>8.3f}{upstream:>8}{fmt_ratio(r['fuse'], r['cp']):>7}"
             f"{fmt_ratio(r['fuse'], r['torch']):>8}{fmt_ratio(r['fuse'], r['upstream']):>8}"
             f"{r['rss'] / 1e6:>8.0f}{r['rss'] / r['size']:>9.2f}{torch_seen:>7}"
@@ -426,7 +461,7 @@ def print_report(rows: list[dict[str, Any]], help_s: float, total_s: float) -> N
     print("targets:")
     for r in rows:
         limit = TARGET_CP.get(r["width"])
-        name = f"x{r['width'] ** 2} .{r['format']}"
+        name = f"{r['net']} x{r['width'] ** 2} .{r['format']}"
         checks = []
         if limit is not None:
             checks.append(_verdict(f"fuse/cp <= {limit:g}", r["fuse"] / r["cp"] <= limit))
@@ -439,8 +474,8 @@ def print_report(rows: list[dict[str, Any]], help_s: float, total_s: float) -> N
             )
         checks.append(_verdict(f"RSS/size <= {TARGET_RSS:g}", r["rss"] / r["size"] <= TARGET_RSS))
         checks.append(_verdict("no torch", not r["torch_imported"]))
-        print(f"  {name:<16}" + "  ".join(checks))
-    print(f"  {'--help':<16}" + _verdict(f"< {TARGET_HELP_S:g} s", help_s < TARGET_HELP_S))
+        print(f"  {name:<26}" + "  ".join(checks))
+    print(f"  {'--help':<26}" + _verdict(f"< {TARGET_HELP_S:g} s", help_s < TARGET_HELP_S))
     print(f"benchmark wall time: {total_s:.0f} s")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Mapping
@@ -18,23 +19,74 @@ from acnet_convert.errors import (
     UsageError,
 )
 from acnet_convert.fusion import BNStats, compare_outputs, fold_bn
-from acnet_convert.plan import LAYOUTS, FuseOptions, FusionPlan, PlannedBlock, plan_fusion
+from acnet_convert.plan import (
+    LAYOUTS,
+    FuseOptions,
+    FusionPlan,
+    NamingOptions,
+    PlannedBlock,
+    plan_fusion,
+)
 from acnet_convert.verify.options import _SHOW_KEYS, VerifyOptions
 from acnet_convert.verify.results import CaseResult, VerifyResult
 
 __all__ = []
 
 
+def naming_for(
+    options: VerifyOptions, provenance: Mapping[str, str], declares_eps: bool = False
+) -> NamingOptions:
+    """The naming options to plan TRAIN with: the user's, else what FUSED says ``fuse`` used.
+
+    ``fuse --eps`` is taken from the provenance only when TRAIN declares no BN
+    epsilons of its own (``declares_eps``): a declared epsilon is the truth a
+    wrong ``--eps`` at fuse time must be checked against.
+    """
+    dialect = options.dialect
+    recorded = provenance.get("acnet_convert.dialect", "")
+    if dialect is None and recorded and "+" not in recorded and recorded != "conv-bn":
+        dialect = recorded
+    renames = options.renames
+    if not renames and "acnet_convert.renames" in provenance:
+        try:
+            renames = tuple(
+                (str(a), str(b)) for a, b in json.loads(provenance["acnet_convert.renames"])
+            )
+        except (ValueError, TypeError):
+            renames = ()
+    eps = options.eps
+    if eps is None and not declares_eps and "acnet_convert.eps_option" in provenance:
+        try:
+            eps = float(provenance["acnet_convert.eps_option"])
+        except ValueError:
+            eps = None
+    return NamingOptions(
+        dialect=dialect,
+        extra_dialects=tuple(options.extra_dialects),
+        renames=renames,
+        eps=eps,
+        fold_bn=provenance.get("acnet_convert.fold_bn") == "true",
+    )
+
+
 def _plan_for(
-    train: CheckpointReader, fused_keys: Mapping[str, object], options: VerifyOptions
+    train: CheckpointReader,
+    fused_keys: Mapping[str, object],
+    options: VerifyOptions,
+    provenance: Mapping[str, str] | None = None,
 ) -> tuple[FusionPlan, str]:
     """Plan the fusion of TRAIN in FUSED's layout (found from FUSED's keys for ``auto``)."""
+    recorded = dict(provenance or {})
+    naming = naming_for(options, recorded, bool(getattr(train, "bn_epsilons", None)))
 
     def fuse_options(layout: str) -> FuseOptions:
-        return FuseOptions(layout=layout, dialect=options.dialect, eps=options.eps)
+        return naming.fuse_options(layout=layout)
 
-    if options.layout != "auto":
-        return plan_fusion(train, fuse_options(options.layout)), options.layout
+    chosen = options.layout
+    if chosen == "auto" and recorded.get("acnet_convert.layout") in LAYOUTS:
+        chosen = recorded["acnet_convert.layout"]
+    if chosen != "auto":
+        return plan_fusion(train, fuse_options(chosen)), chosen
     best: tuple[int, FusionPlan, str] | None = None
     for layout in LAYOUTS:
         try:
@@ -95,7 +147,7 @@ def _fused_values(
         if role == "weight":
             stored = info.dtype
         values[role] = dtypes.to_float64(fused.read(key), info.dtype)
-    weight = np.ascontiguousarray(from_layout(values["weight"], plan.dialect.kernel_layout))
+    weight = np.ascontiguousarray(from_layout(values["weight"], plan.dialect.kernel_order))
     if layout == "baseline":
         bn = BNStats(
             mean=values["bn_mean"],
@@ -114,7 +166,7 @@ def _block_cases(
     train: CheckpointReader, fused: CheckpointReader, options: VerifyOptions, rtol: float
 ) -> tuple[str, list[CaseResult], list[str]]:
     """Check every block (and the copied tensors) on its own; returns layout, cases, notes."""
-    plan, layout = _plan_for(train, fused.tensors, options)
+    plan, layout = _plan_for(train, fused.tensors, options, fused.metadata)
     rng = np.random.default_rng(options.seed)
     cases: list[CaseResult] = []
     for block in plan.blocks:
@@ -123,10 +175,10 @@ def _block_cases(
             block.spec,
             train.tensors,
             train.read,
-            plan.eps,
+            block.eps if block.eps is not None else plan.eps,
             plan.source,
-            plan.dialect.kernel_layout,
-            plan.bn_eps,
+            plan.dialect.kernel_order,
+            bn_eps=plan.bn_eps,
         )
         weight, bias, stored = _fused_values(block, fused, plan, layout, options.layout == "auto")
         check = check_block(

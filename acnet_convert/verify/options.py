@@ -55,6 +55,9 @@ class VerifyOptions:
     ``input_shape`` is ``(C, H, W)``; ``input_path`` a ``.npy`` or ``.pt``
     batch that replaces the random one. ``allow_extra`` lets FUSED hold
     tensors that TRAIN does not explain (block mode; they fail the check otherwise).
+    ``extra_dialects`` (``--patterns``) and ``renames`` (``--rename``) are as
+    for ``fuse``; where FUSED records how it was written (provenance: dialect,
+    layout, renames, eps, --fold-bn) that is used for what is not given here.
     """
 
     arch: str | None = None
@@ -74,6 +77,8 @@ class VerifyOptions:
     atol: float = 0.0
     trust_pickle: bool = False
     allow_extra: bool = False
+    extra_dialects: tuple[Any, ...] = ()
+    renames: tuple[tuple[str, str], ...] = ()
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:

@@ -175,6 +175,7 @@ class VerifyResult:
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "schema": 1,
             "report": "acnet-convert verify",
             "version": 1,
             "passed": self.passed,
