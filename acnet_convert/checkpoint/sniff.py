@@ -137,7 +137,9 @@ def _is_keras_archive(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError):
+    except (zipfile.BadZipFile, NotImplementedError, OSError, ValueError, EOFError):
+        # A damaged or unsupported central directory is not Keras' archive; the torch zip
+        # reader then reports the damage itself.
         return False
     return {"config.json", "model.weights.h5"} <= names
 
