@@ -2,7 +2,10 @@
 """Longer fuzzing runs of ``acnet-convert fuse`` and ``inspect`` on damaged checkpoints.
 
 The same mutations as tests/test_fuzz.py (truncation, bit flips, overwritten
-byte ranges, lying safetensors header fields, edited .pth pickles), drawn from
+byte ranges, lying safetensors header fields, edited .pth pickles, and the
+round-2 attacks: pickle fragments calling bytearray(n), shared-reference and
+tuple-hash nests, a nest as persistent id, a stride-0 view, and a deflated,
+padded data.pkl), drawn from
 a seeded generator: iteration I of seed S is always the same case, so any
 finding can be replayed with ``--start I --iterations 1 --seed S``. Cases run
 in-process in worker processes; a worker that dies (a crash in a native
