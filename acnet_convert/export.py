@@ -259,6 +259,9 @@ def _build(reader: CheckpointReader, options: ExportOptions, arch: str | None) -
 
     verify_options = _verify_options(options)
     forms = net_forms(verify_options, arch)
+    forms.train_hint = (
+        "is --arch right?" if arch else "does --model build the network CKPT was trained with?"
+    ) + f" ('acnet-convert inspect {reader.path}' lists its keys)"
     fuse_options = FuseOptions(
         eps=options.eps, dialect=options.dialect, trust_pickle=options.trust_pickle
     )
