@@ -370,11 +370,11 @@ def _quant_options(fn: F) -> F:
     fn = click.option(
         "--loss-threshold",
         type=float,
-        default=6.0,
+        default=12.0,
         show_default=True,
         metavar="DB",
-        help="Flag a conv when per-tensor int8 loses more than this many dB of SQNR "
-        "against per-channel (6 dB is about one bit).",
+        help="Flag a conv when per-tensor int8 costs its worst output channel more than "
+        "this many dB of SQNR against per-channel scales (6 dB is one bit).",
     )(fn)
     fn = click.option(
         "--plot",
@@ -817,10 +817,10 @@ def archs(as_json: bool) -> None:
 @click.option(
     "--loss-threshold",
     type=float,
-    default=6.0,
+    default=12.0,
     show_default=True,
     metavar="DB",
-    help="Flag a conv when per-tensor int8 loses more than this many dB of SQNR.",
+    help="Flag a conv when per-tensor int8 costs its worst channel more than this many dB.",
 )
 @click.option(
     "--plot",

@@ -50,7 +50,16 @@ def render_quant_report(report: QuantReport, console: Any, title: str | None = N
     )
     table.add_column("conv", overflow="fold")
     table.add_column("shape")
-    for name in ("w min", "w max", "ch spread", "SQNR tensor", "SQNR channel", "loss dB"):
+    for name in (
+        "w min",
+        "w max",
+        "ch spread",
+        "SQNR tensor",
+        "SQNR channel",
+        "worst ch tensor",
+        "worst ch channel",
+        "loss dB",
+    ):
         table.add_column(name, justify="right")
     table.add_column("flag")
     for x in layers:
@@ -65,16 +74,18 @@ def render_quant_report(report: QuantReport, console: Any, title: str | None = N
             spread,
             _db(x.sqnr_tensor_db),
             _db(x.sqnr_channel_db),
-            f"{x.loss_db:.1f}",
+            _db(x.worst_tensor_db),
+            _db(x.worst_channel_db),
+            _db(x.loss_db),
             "[bold red]per-channel[/]" if x.flagged else "",
         )
     if hidden:
-        table.add_row(f"... {hidden} more, none flagged", *[""] * 8)
+        table.add_row(f"... {hidden} more, none flagged", *[""] * 10)
     console.print(table)
     flagged = report.flagged
     console.print(
-        f"{len(flagged)} of {len(report.layers)} convs flagged: per-tensor int8 loses more than "
-        f"{report.threshold_db:g} dB of SQNR against per-channel"
+        f"{len(flagged)} of {len(report.layers)} convs flagged: per-tensor int8 costs their "
+        f"worst output channel more than {report.threshold_db:g} dB of SQNR against per-channel"
         + ("; quantize them per channel or keep them in higher precision" if flagged else "")
     )
 

@@ -15,12 +15,20 @@ per output channel does not. For every conv kernel this module reports:
     about 1 of its 127 levels).
 ``sqnr_tensor_db``, ``sqnr_channel_db``
     the signal-to-quantization-noise ratio ``10 log10(sum w^2 / sum (w - q(w))^2)``
-    of symmetric int8 (scale max|w| / 127, round half to even, clip to
-    [-127, 127]) with one scale per tensor and with one scale per output channel.
+    of the whole kernel under symmetric int8 (scale max|w| / 127, round half to
+    even, clip to [-127, 127]) with one scale per tensor and with one scale per
+    output channel.
+``worst_tensor_db``, ``worst_channel_db``
+    the same ratio taken over each output channel on its own, for the worst
+    channel, under each scheme. The whole-kernel figure is dominated by the
+    largest channels and hides a small channel rounded away entirely; each
+    channel is a feature map of its own, so the worst one is what flags a layer.
 ``loss_db``
-    ``sqnr_channel_db - sqnr_tensor_db``: what per-tensor quantization loses.
-    A layer is flagged when it exceeds the threshold (default 6 dB, about one
-    bit of resolution: each bit is worth 20 log10(2) = 6.02 dB).
+    ``worst_channel_db - worst_tensor_db``: what one scale per tensor costs the
+    channel it serves worst. A layer is flagged when this exceeds the threshold
+    (default 12 dB, two bits: each bit is worth 20 log10(2) = 6.02 dB, so that
+    channel keeps less than a quarter of the levels per-channel scales give it).
+    All-zero channels are exact under both schemes and left out.
 
 Pure numpy; no torch. :func:`checkpoint_quant_stats` fuses a training
 checkpoint in memory first (the same fusion ``acnet-convert fuse`` runs).
@@ -63,7 +71,7 @@ __all__ = [
     "sqnr_db",
 ]
 
-DEFAULT_LOSS_THRESHOLD_DB = 6.0
+DEFAULT_LOSS_THRESHOLD_DB = 12.0
 INT8_LEVELS = 127  # symmetric int8: integers -127..127, zero exact
 
 
@@ -122,14 +130,16 @@ class ConvQuantStats:
     zero_channels: int
     sqnr_tensor_db: float
     sqnr_channel_db: float
+    worst_tensor_db: float
+    worst_channel_db: float
     threshold_db: float
 
     @property
     def loss_db(self) -> float:
-        """What one scale per tensor loses against one per output channel, in dB."""
-        if math.isinf(self.sqnr_channel_db) and math.isinf(self.sqnr_tensor_db):
+        """What one scale per tensor costs the worst channel against its own scale, in dB."""
+        if self.worst_channel_db == self.worst_tensor_db:  # both exact (inf) included
             return 0.0
-        return self.sqnr_channel_db - self.sqnr_tensor_db
+        return self.worst_channel_db - self.worst_tensor_db
 
     @property
     def flagged(self) -> bool:
@@ -146,6 +156,8 @@ class ConvQuantStats:
             "zero_channels": self.zero_channels,
             "sqnr_per_tensor_db": _json_number(self.sqnr_tensor_db),
             "sqnr_per_channel_db": _json_number(self.sqnr_channel_db),
+            "worst_channel_sqnr_per_tensor_db": _json_number(self.worst_tensor_db),
+            "worst_channel_sqnr_per_channel_db": _json_number(self.worst_channel_db),
             "loss_db": _json_number(self.loss_db),
             "flagged": self.flagged,
         }
@@ -160,8 +172,10 @@ def conv_quant_stats(
     """The figures of one kernel ``weight`` (output channels on axis 0, e.g. OIHW)."""
     w = np.asarray(weight, dtype=np.float64)
     absmax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1) if w.size else np.zeros(0)
-    live = absmax[absmax > 0]
-    spread = float(live.max() / live.min()) if live.size else 1.0
+    live = absmax > 0
+    spread = float(absmax[live].max() / absmax[live].min()) if live.any() else 1.0
+    per_tensor = fake_quantize_int8(w, per_channel=False)
+    per_channel = fake_quantize_int8(w, per_channel=True)
     return ConvQuantStats(
         name=name,
         shape=tuple(int(s) for s in w.shape),
@@ -169,11 +183,21 @@ def conv_quant_stats(
         w_min=float(w.min()) if w.size else 0.0,
         w_max=float(w.max()) if w.size else 0.0,
         channel_spread=spread,
-        zero_channels=int(absmax.size - live.size),
-        sqnr_tensor_db=sqnr_db(w, fake_quantize_int8(w, per_channel=False)),
-        sqnr_channel_db=sqnr_db(w, fake_quantize_int8(w, per_channel=True)),
+        zero_channels=int(absmax.size - live.sum()),
+        sqnr_tensor_db=sqnr_db(w, per_tensor),
+        sqnr_channel_db=sqnr_db(w, per_channel),
+        worst_tensor_db=_worst_channel_db(w[live], per_tensor[live]),
+        worst_channel_db=_worst_channel_db(w[live], per_channel[live]),
         threshold_db=threshold_db,
     )
+
+
+def _worst_channel_db(weight: np.ndarray, approx: np.ndarray) -> float:
+    """The lowest SQNR of any output channel (inf for none, or all exact)."""
+    worst = math.inf
+    for channel, q in zip(weight, approx, strict=True):
+        worst = min(worst, sqnr_db(channel, q))
+    return worst
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,11 @@ def _short(name: str, width: int = 28) -> str:
 
 
 def plot_quant_report(report: QuantReport, path: Path) -> None:
-    """Draw SQNR per tensor and per channel (top) and channel spread (bottom) per layer.
+    """Draw the worst channel's SQNR per tensor and per channel (top) and the channel
+    range spread (bottom), one point per layer.
 
-    Flagged layers are marked in red; the dashed line in the top panel is
-    per-channel SQNR minus the threshold, below which per-tensor SQNR flags a layer.
+    Flagged layers are marked in red; the dashed line in the top panel is the
+    per-channel figure minus the threshold, below which the per-tensor one flags a layer.
 
     Raises:
         UsageError: matplotlib missing, no layer to draw, or PATH's folder missing.
@@ -53,8 +54,8 @@ def plot_quant_report(report: QuantReport, path: Path) -> None:
 
     layers = report.layers
     x = np.arange(len(layers))
-    finite = [min(v, 99.0) for v in (layer.sqnr_channel_db for layer in layers)]
-    tensor = [min(layer.sqnr_tensor_db, 99.0) for layer in layers]
+    finite = [min(layer.worst_channel_db, 99.0) for layer in layers]
+    tensor = [min(layer.worst_tensor_db, 99.0) for layer in layers]
     flagged = np.array([layer.flagged for layer in layers])
     fig, (top, bottom) = plt.subplots(
         2, 1, figsize=(max(6.0, 0.28 * len(layers) + 2.5), 5.6), sharex=True
@@ -72,7 +73,7 @@ def plot_quant_report(report: QuantReport, path: Path) -> None:
         )
         top.scatter(x[flagged], np.array(tensor)[flagged], s=40, color="red", zorder=3,
                     label="flagged")  # fmt: skip
-        top.set_ylabel("int8 SQNR (dB)")
+        top.set_ylabel("worst channel's\nint8 SQNR (dB)")
         top.legend(fontsize=7, loc="lower left")
         top.grid(alpha=0.3)
         spreads = [layer.channel_spread for layer in layers]
