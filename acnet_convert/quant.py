@@ -22,10 +22,12 @@ per output channel does not. For every conv kernel this module reports:
     the same ratio taken over each output channel on its own, for the worst
     channel, under each scheme. The whole-kernel figure is dominated by the
     largest channels and hides a small channel rounded away entirely; each
-    channel is a feature map of its own, so the worst one is what flags a layer.
+    channel is a feature map of its own, so channels are what flag a layer.
 ``loss_db``
-    ``worst_channel_db - worst_tensor_db``: what one scale per tensor costs the
-    channel it serves worst. A layer is flagged when this exceeds the threshold
+    the most any output channel loses: the largest, over channels, of that
+    channel's SQNR with its own scale minus its SQNR with the tensor's scale,
+    which is about ``20 log10`` of how much smaller than the largest channel it
+    is, until it rounds away. A layer is flagged when this exceeds the threshold
     (default 12 dB, two bits: each bit is worth 20 log10(2) = 6.02 dB, so that
     channel keeps less than a quarter of the levels per-channel scales give it).
     All-zero channels are exact under both schemes and left out.
@@ -132,14 +134,8 @@ class ConvQuantStats:
     sqnr_channel_db: float
     worst_tensor_db: float
     worst_channel_db: float
+    loss_db: float
     threshold_db: float
-
-    @property
-    def loss_db(self) -> float:
-        """What one scale per tensor costs the worst channel against its own scale, in dB."""
-        if self.worst_channel_db == self.worst_tensor_db:  # both exact (inf) included
-            return 0.0
-        return self.worst_channel_db - self.worst_tensor_db
 
     @property
     def flagged(self) -> bool:
@@ -176,6 +172,8 @@ def conv_quant_stats(
     spread = float(absmax[live].max() / absmax[live].min()) if live.any() else 1.0
     per_tensor = fake_quantize_int8(w, per_channel=False)
     per_channel = fake_quantize_int8(w, per_channel=True)
+    by_tensor = _channel_sqnrs(w, per_tensor)
+    by_channel = _channel_sqnrs(w, per_channel)
     return ConvQuantStats(
         name=name,
         shape=tuple(int(s) for s in w.shape),
@@ -186,18 +184,24 @@ def conv_quant_stats(
         zero_channels=int(absmax.size - live.sum()),
         sqnr_tensor_db=sqnr_db(w, per_tensor),
         sqnr_channel_db=sqnr_db(w, per_channel),
-        worst_tensor_db=_worst_channel_db(w[live], per_tensor[live]),
-        worst_channel_db=_worst_channel_db(w[live], per_channel[live]),
+        worst_tensor_db=min(by_tensor, default=math.inf),
+        worst_channel_db=min(by_channel, default=math.inf),
+        loss_db=max((_loss(c, t) for c, t in zip(by_channel, by_tensor, strict=True)), default=0.0),
         threshold_db=threshold_db,
     )
 
 
-def _worst_channel_db(weight: np.ndarray, approx: np.ndarray) -> float:
-    """The lowest SQNR of any output channel (inf for none, or all exact)."""
-    worst = math.inf
-    for channel, q in zip(weight, approx, strict=True):
-        worst = min(worst, sqnr_db(channel, q))
-    return worst
+def _loss(own: float, shared: float) -> float:
+    return 0.0 if own == shared else own - shared  # both exact (inf): nothing lost
+
+
+def _channel_sqnrs(weight: np.ndarray, approx: np.ndarray) -> list[float]:
+    """The SQNR of each output channel (all-zero channels left out: exact either way)."""
+    return [
+        sqnr_db(channel, q)
+        for channel, q in zip(weight, approx, strict=True)
+        if np.any(channel != 0)
+    ]
 
 
 @dataclass(frozen=True)
