@@ -1,0 +1,306 @@
+"""``acnet-convert export``: every built-in architecture to ONNX, checked by ONNX Runtime
+against the training-time net; dynamic batch; --model factories; each failure's exit code,
+one line and no OUT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from acnet_convert.testing import randomise_bn_stats  # noqa: E402
+from acnet_convert.zoo import ARCHS, build_arch  # noqa: E402
+
+if TYPE_CHECKING:
+    from conftest import CliRun
+
+SMALL = "3,32,32"  # every built-in architecture runs at 32x32, the ImageNet ones too
+
+MODEL_SOURCE = '''
+import torch
+from torch import nn
+from acnet_convert.nn import ACBlock
+
+
+class Net(nn.Module):
+    def __init__(self, width=4, classes=3, deploy=False):
+        super().__init__()
+        self.body = nn.Sequential(
+            ACBlock(3, width, 3, padding=1, deploy=deploy), nn.ReLU(),
+            ACBlock(width, width, 3, stride=2, padding=1, deploy=deploy), nn.ReLU(),
+        )
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def make(width=4, classes=3):
+    return Net(width, classes)
+
+
+class Moody(nn.Module):
+    """A forward whose control flow depends on the data: tracing would record one branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * 2 if y.sum() > 0 else y - 1
+
+
+def moody():
+    return Moody()
+'''
+
+
+def _onnx_convs(path: Path) -> int:
+    return sum(node.op_type == "Conv" for node in onnx.load(str(path)).graph.node)
+
+
+def _baseline_convs(arch: str) -> int:
+    return sum(isinstance(m, torch.nn.Conv2d) for m in build_arch(arch, "baseline").modules())
+
+
+def _run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out: Any = session.run(None, {session.get_inputs()[0].name: x})[0]
+    return np.asarray(out, dtype=np.float64)
+
+
+def _training_net(arch: str, seed: int) -> Any:
+    torch.manual_seed(seed)
+    return randomise_bn_stats(build_arch(arch, "train"), seed).eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("export")
+    paths = {}
+    for seed, arch in enumerate(ARCHS):
+        path = root / f"{arch}.pth"
+        torch.save({"model": _training_net(arch, seed).state_dict()}, path)
+        paths[arch] = path
+    return paths
+
+
+def _assert_one_line_error(result: Any, *words: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_every_arch_exports_and_runs_to_the_training_net(
+    arch: str, trained: dict[str, Path], tmp_path: Path, run_cli: CliRun
+) -> None:
+    out = tmp_path / f"{arch}.onnx"
+    result = run_cli("export", trained[arch], out, "--arch", arch, "--input-shape", SMALL, "--json")
+    report = json.loads(result.stdout)
+    assert report["schema"] == 1 and report["passed"] and report["written"]
+    assert report["training_checkpoint"] and report["layout"] == "deploy"
+    assert {c["name"] for c in report["cases"]} == {
+        "onnx vs deployed net (batch 2)",
+        "onnx vs training net (batch 2)",
+    }
+    # The file on disk, run here on a fresh input, against the training net itself.
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(99))  # static: 2
+    with torch.inference_mode():
+        expected = _training_net(arch, list(ARCHS).index(arch))(x).double().numpy()
+    got = _run_onnx(out, x.numpy())
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    # The ACBs are gone: as many Conv nodes as the plain baseline has convs.
+    assert _onnx_convs(out) == _baseline_convs(arch) == report["onnx_nodes"]["Conv"]
+    assert report["deployed_net"]["conv_layers"] == _baseline_convs(arch)
+    assert report["training_net"]["conv_layers"] > report["deployed_net"]["conv_layers"]
+    assert report["training_net"]["macs"] > report["deployed_net"]["macs"]
+    assert len(report["quantization"]["layers"]) == _baseline_convs(arch)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no .onnx.data, no temp
+
+
+def test_table_shows_before_and_after(
+    trained: dict[str, Path], tmp_path: Path, run_cli: CliRun
+) -> None:
+    result = run_cli("export", trained["cfqkbnc"], tmp_path / "a.onnx", "--arch", "cfqkbnc")
+    for text in ("training net", "deployed net", "conv layers", "MACs", "Conv", "int8"):
+        assert text in result.stdout
+    assert "exported" in result.stderr and "ONNX Runtime agrees" in result.stderr
+
+
+def test_dynamic_batch_runs_at_two_batch_sizes(
+    trained: dict[str, Path], tmp_path: Path, run_cli: CliRun
+) -> None:
+    out = tmp_path / "dyn.onnx"
+    report = json.loads(
+        run_cli(
+            "export", trained["src56"], out, "--arch", "src56", "--dynamic-batch", "--json"
+        ).stdout
+    )
+    assert [c["name"].split("(")[1] for c in report["cases"]] == ["batch 2)"] * 2 + ["batch 3)"] * 2
+    model = onnx.load(str(out))
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    net = _training_net("src56", list(ARCHS).index("src56"))
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        with torch.inference_mode():
+            expected = net(x).double().numpy()
+        got = _run_onnx(out, x.numpy())
+        assert got.shape == (batch, 10)
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_static_batch_is_fixed(trained: dict[str, Path], tmp_path: Path, run_cli: CliRun) -> None:
+    out = tmp_path / "static.onnx"
+    run_cli("export", trained["cfqkbnc"], out, "--arch", "cfqkbnc", "--batch", "4")
+    assert onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 4
+
+
+@pytest.mark.parametrize("layout", ["deploy", "baseline"])
+def test_fused_checkpoint_exports_against_the_deploy_net(
+    layout: str, trained: dict[str, Path], tmp_path: Path, run_cli: CliRun
+) -> None:
+    fused = tmp_path / "fused.safetensors"
+    run_cli("fuse", trained["cfqkbnc"], fused, "--layout", layout, "-q")
+    out = tmp_path / "f.onnx"
+    report = json.loads(run_cli("export", fused, out, "--arch", "cfqkbnc", "--json").stdout)
+    assert report["passed"] and not report["training_checkpoint"] and report["layout"] == layout
+    assert [c["name"] for c in report["cases"]] == ["onnx vs deployed net (batch 2)"]
+    assert report["training_net"] is None and _onnx_convs(out) == 3
+
+
+def test_model_factory(tmp_path: Path, run_cli: CliRun) -> None:
+    source = tmp_path / "mine.py"
+    source.write_text(MODEL_SOURCE)
+    namespace: dict[str, Any] = {}
+    exec(compile(MODEL_SOURCE, str(source), "exec"), namespace)
+    torch.manual_seed(3)
+    train = tmp_path / "mine.pth"
+    torch.save(randomise_bn_stats(namespace["make"](width=6), 3).state_dict(), train)
+    out = tmp_path / "mine.onnx"
+    spec = f"{source}:make"
+    common = ("export", train, out, "--model", spec, "--model-arg", "width=6")
+    missing = run_cli(*common, expect=2)
+    _assert_one_line_error(missing, "--input-shape")
+    report = json.loads(run_cli(*common, "--input-shape", "3,12,12", "--json").stdout)
+    assert report["passed"] and report["training_checkpoint"]
+    assert report["onnx_nodes"]["Conv"] == 2 and report["training_net"]["conv_layers"] == 6
+
+
+def test_data_dependent_forward_fails_closed(tmp_path: Path, run_cli: CliRun) -> None:
+    source = tmp_path / "mine.py"
+    source.write_text(MODEL_SOURCE)
+    namespace: dict[str, Any] = {}
+    exec(compile(MODEL_SOURCE, str(source), "exec"), namespace)
+    plain = tmp_path / "plain.pth"
+    torch.save(namespace["moody"]().state_dict(), plain)
+    out = tmp_path / "moody.onnx"
+    result = run_cli(
+        "export", plain, out, "--model", f"{source}:moody", "--input-shape", "3,8,8", expect=3
+    )
+    _assert_one_line_error(result, "could not export", "data-dependent")
+    assert list(tmp_path.iterdir()) and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_mismatch_exits_1_and_writes_nothing(
+    trained: dict[str, Path], tmp_path: Path, run_cli: CliRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from acnet_convert import onnxio
+
+    real = onnxio.run_onnx
+
+    def nudged(path: Path, batch: np.ndarray) -> list[np.ndarray]:
+        outputs = real(path, batch)
+        outputs[0][0, 0] += 1e-3 * np.abs(outputs[0]).max()
+        return outputs
+
+    monkeypatch.setattr(onnxio, "run_onnx", nudged)
+    out = tmp_path / "bad.onnx"
+    result = run_cli("export", trained["cfqkbnc"], out, "--arch", "cfqkbnc", "--json", expect=1)
+    report = json.loads(result.stdout)
+    assert report["schema"] == 1 and not report["passed"] and not report["written"]
+    assert set(report["failed"]) == {
+        "onnx vs deployed net (batch 2)",
+        "onnx vs training net (batch 2)",
+    }
+    _assert_one_line_error(result, "nothing was written", "max_rel")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_arch(trained: dict[str, Path], tmp_path: Path, run_cli: CliRun) -> None:
+    out = tmp_path / "x.onnx"
+    result = run_cli("export", trained["cfqkbnc"], out, "--arch", "src56", expect=3)
+    _assert_one_line_error(result, "does not fit", "src56", "is --arch right?")
+    assert list(tmp_path.iterdir()) == []
+    unknown = run_cli("export", trained["cfqkbnc"], out, "--arch", "resnet9000", expect=2)
+    _assert_one_line_error(unknown, "resnet9000", "not a built-in architecture")
+
+
+def test_corrupt_input(trained: dict[str, Path], tmp_path: Path, run_cli: CliRun) -> None:
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(trained["cfqkbnc"].read_bytes()[:5000])
+    out = tmp_path / "x.onnx"
+    result = run_cli("export", broken, out, "--arch", "cfqkbnc", "--json", expect=3)
+    _assert_one_line_error(result, str(broken))
+    document = json.loads(result.stdout)
+    assert document["schema"] == 1 and document["exit_code"] == 3 and not document["written"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.pth"]
+
+
+def test_existing_output_needs_force(
+    trained: dict[str, Path], tmp_path: Path, run_cli: CliRun
+) -> None:
+    out = tmp_path / "x.onnx"
+    out.write_bytes(b"keep me")
+    result = run_cli("export", trained["cfqkbnc"], out, "--arch", "cfqkbnc", expect=2)
+    _assert_one_line_error(result, "exists already", "--force")
+    assert out.read_bytes() == b"keep me"
+    run_cli("export", trained["cfqkbnc"], out, "--arch", "cfqkbnc", "--force")
+    assert _onnx_convs(out) == 3
+
+
+def test_missing_network(trained: dict[str, Path], tmp_path: Path, run_cli: CliRun) -> None:
+    out = tmp_path / "x.onnx"
+    result = run_cli("export", trained["cfqkbnc"], out, expect=2)
+    _assert_one_line_error(result, "--arch", "--model")
+    both = run_cli("export", trained["cfqkbnc"], out, "--arch", "vc", "--model", "m.py:f", expect=2)
+    _assert_one_line_error(both, "give one of them")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_opset_is_a_usage_error(
+    trained: dict[str, Path], tmp_path: Path, run_cli: CliRun
+) -> None:
+    result = run_cli(
+        "export", trained["cfqkbnc"], tmp_path / "x.onnx", "--arch", "cfqkbnc", "--opset", "7",
+        expect=2,
+    )  # fmt: skip
+    _assert_one_line_error(result, "--opset 7")
+
+
+def test_missing_extra_says_what_to_install(
+    trained: dict[str, Path], tmp_path: Path, run_cli: CliRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "onnxruntime" else real(name, *a),
+    )
+    out = tmp_path / "x.onnx"
+    result = run_cli("export", trained["cfqkbnc"], out, "--arch", "cfqkbnc", expect=2)
+    _assert_one_line_error(result, "onnxruntime", "pip install 'acnet-convert[export]'")
+    assert not out.exists()
