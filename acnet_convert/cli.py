@@ -370,7 +370,7 @@ def _quant_options(fn: F) -> F:
     fn = click.option(
         "--loss-threshold",
         type=float,
-        default=12.0,
+        default=20.0,
         show_default=True,
         metavar="DB",
         help="Flag a conv when per-tensor int8 costs its worst output channel more than "
@@ -817,7 +817,7 @@ def archs(as_json: bool) -> None:
 @click.option(
     "--loss-threshold",
     type=float,
-    default=12.0,
+    default=20.0,
     show_default=True,
     metavar="DB",
     help="Flag a conv when per-tensor int8 costs its worst channel more than this many dB.",

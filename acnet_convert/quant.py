@@ -28,8 +28,9 @@ per output channel does not. For every conv kernel this module reports:
     channel's SQNR with its own scale minus its SQNR with the tensor's scale,
     which is about ``20 log10`` of how much smaller than the largest channel it
     is, until it rounds away. A layer is flagged when this exceeds the threshold
-    (default 12 dB, two bits: each bit is worth 20 log10(2) = 6.02 dB, so that
-    channel keeps less than a quarter of the levels per-channel scales give it).
+    (default 20 dB, about 3.3 bits at 20 log10(2) = 6.02 dB a bit: that channel's
+    range is some 10x smaller than the largest, so it keeps about 12 of the 127
+    levels its own scale would give it).
     All-zero channels are exact under both schemes and left out.
 
 Pure numpy; no torch. :func:`checkpoint_quant_stats` fuses a training
@@ -73,7 +74,7 @@ __all__ = [
     "sqnr_db",
 ]
 
-DEFAULT_LOSS_THRESHOLD_DB = 12.0
+DEFAULT_LOSS_THRESHOLD_DB = 20.0
 INT8_LEVELS = 127  # symmetric int8: integers -127..127, zero exact
 
 

@@ -33,11 +33,9 @@ def _short(name: str, width: int = 28) -> str:
 
 
 def plot_quant_report(report: QuantReport, path: Path) -> None:
-    """Draw the worst channel's SQNR per tensor and per channel (top) and the channel
-    range spread (bottom), one point per layer.
-
-    Flagged layers are marked in red; the dashed line in the top panel is the
-    per-channel figure minus the threshold, below which the per-tensor one flags a layer.
+    """Draw, one point per layer: int8 SQNR (worst channel under each scheme, whole
+    kernel per tensor), the loss that flags a layer against the threshold (dashed),
+    and the channel range spread. Flagged layers are red.
 
     Raises:
         UsageError: matplotlib missing, no layer to draw, or PATH's folder missing.
@@ -54,30 +52,27 @@ def plot_quant_report(report: QuantReport, path: Path) -> None:
 
     layers = report.layers
     x = np.arange(len(layers))
-    finite = [min(layer.worst_channel_db, 99.0) for layer in layers]
-    tensor = [min(layer.worst_tensor_db, 99.0) for layer in layers]
     flagged = np.array([layer.flagged for layer in layers])
-    fig, (top, bottom) = plt.subplots(
-        2, 1, figsize=(max(6.0, 0.28 * len(layers) + 2.5), 5.6), sharex=True
+    colours = ["red" if f else "tab:green" for f in flagged]
+    fig, (top, middle, bottom) = plt.subplots(
+        3, 1, figsize=(max(6.0, 0.28 * len(layers) + 2.5), 7.0), sharex=True
     )
     try:
-        top.plot(x, finite, "o-", color="tab:blue", ms=3, label="per channel")
-        top.plot(x, tensor, "s-", color="tab:orange", ms=3, label="per tensor")
-        top.plot(
-            x,
-            [v - report.threshold_db for v in finite],
-            "--",
-            color="grey",
-            lw=0.8,
-            label=f"per channel - {report.threshold_db:g} dB",
-        )
-        top.scatter(x[flagged], np.array(tensor)[flagged], s=40, color="red", zorder=3,
-                    label="flagged")  # fmt: skip
-        top.set_ylabel("worst channel's\nint8 SQNR (dB)")
+        for attr, style, label in (
+            ("worst_channel_db", "o-", "worst channel, per-channel scales"),
+            ("worst_tensor_db", "s-", "worst channel, one scale per tensor"),
+            ("sqnr_tensor_db", ":", "whole kernel, one scale per tensor"),
+        ):
+            values = [min(getattr(layer, attr), 99.0) for layer in layers]
+            top.plot(x, values, style, ms=3, lw=1, label=label)
+        top.set_ylabel("int8 SQNR (dB)")
         top.legend(fontsize=7, loc="lower left")
         top.grid(alpha=0.3)
+        middle.bar(x, [min(layer.loss_db, 99.0) for layer in layers], color=colours)
+        middle.axhline(report.threshold_db, color="grey", ls="--", lw=0.8)
+        middle.set_ylabel(f"loss (dB)\nflag > {report.threshold_db:g}")
+        middle.grid(alpha=0.3, axis="y")
         spreads = [layer.channel_spread for layer in layers]
-        colours = ["red" if f else "tab:green" for f in flagged]
         bottom.bar(x, spreads, color=colours)
         bottom.set_yscale("log")
         finite_spreads = [v for v in spreads if np.isfinite(v)] or [1.0]
@@ -91,6 +86,6 @@ def plot_quant_report(report: QuantReport, path: Path) -> None:
         fig.suptitle(f"{Path(report.source).name}: symmetric int8 weights", fontsize=9)
         fig.tight_layout()
         with atomic_output(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
+            fig.savefig(tmp, format="png", dpi=80)
     finally:
         plt.close(fig)
