@@ -304,3 +304,24 @@ def test_missing_extra_says_what_to_install(
     result = run_cli("export", trained["cfqkbnc"], out, "--arch", "cfqkbnc", expect=2)
     _assert_one_line_error(result, "onnxruntime", "pip install 'acnet-convert[export]'")
     assert not out.exists()
+
+
+def test_readme_export_and_stats_examples_run(tmp_path: Path) -> None:
+    import importlib.util
+    import shlex
+    import subprocess
+    import sys
+
+    from test_readme import ROOT, run_commands, section_blocks
+
+    (export_block,) = section_blocks("## Export to ONNX")
+    (stats_block,) = section_blocks("## Quantization readiness")
+    make = shlex.split(export_block.splitlines()[0].split("#", 1)[0])
+    assert make[:2] == ["python", "docs/make_int8_example.py"]
+    subprocess.run([sys.executable, str(ROOT / make[1]), *make[2:]], cwd=tmp_path, check=True)
+    run_commands(export_block, tmp_path)
+    assert _onnx_convs(tmp_path / "sres18.onnx") == _baseline_convs("sres18")
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib is not installed (the plot extra)")
+    run_commands(stats_block, tmp_path)
+    assert (tmp_path / "int8.png").read_bytes()[:4] == b"\x89PNG"
