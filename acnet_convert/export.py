@@ -30,6 +30,7 @@ import numpy as np
 from acnet_convert.atomic import atomic_output
 from acnet_convert.checkpoint import CheckpointReader, open_checkpoint
 from acnet_convert.errors import ACNetConvertError, UsageError
+from acnet_convert.netsummary import NetSummary, summarise_net
 from acnet_convert.quant import DEFAULT_LOSS_THRESHOLD_DB, QuantReport, quant_report
 from acnet_convert.verify.options import DEFAULT_RTOL, VerifyOptions
 from acnet_convert.verify.results import CaseResult, _case
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
     from acnet_convert.verify.loading import NetForms
 
-__all__ = ["ExportOptions", "ExportResult", "NetSummary", "export_onnx", "summarise_net"]
+__all__ = ["ExportOptions", "ExportResult", "export_onnx"]
 
 _MISMATCH_HINT = "the graph does not compute what the PyTorch net computes; nothing was written"
 
@@ -73,18 +74,6 @@ class ExportOptions:
     trust_pickle: bool = False
     force: bool = False
     loss_threshold_db: float = DEFAULT_LOSS_THRESHOLD_DB
-
-
-@dataclass(frozen=True)
-class NetSummary:
-    """Conv layers, parameters and multiply-accumulates (one input) of a PyTorch net."""
-
-    conv_layers: int
-    params: int
-    macs: int
-
-    def as_json(self) -> dict[str, int]:
-        return {"conv_layers": self.conv_layers, "params": self.params, "macs": self.macs}
 
 
 @dataclass(frozen=True)
@@ -153,44 +142,6 @@ class ExportResult:
         }
 
 
-def summarise_net(net: nn.Module, input_shape: tuple[int, ...]) -> NetSummary:
-    """Count ``net``'s conv layers and parameters, and its MACs on one input of ``input_shape``.
-
-    A conv's MACs are ``output elements * (in_channels / groups) * kh * kw``, a
-    linear layer's ``output elements * in_features``; BN, activations and
-    pooling are not counted (what MAC tables usually list).
-    """
-    import torch
-    from torch import nn
-
-    macs = 0
-
-    def conv_hook(module: nn.Module, _: Any, output: torch.Tensor) -> None:
-        nonlocal macs
-        assert isinstance(module, nn.Conv2d)
-        kh, kw = module.kernel_size
-        macs += output.numel() * (module.in_channels // module.groups) * kh * kw
-
-    def linear_hook(module: nn.Module, _: Any, output: torch.Tensor) -> None:
-        nonlocal macs
-        assert isinstance(module, nn.Linear)
-        macs += output.numel() * module.in_features
-
-    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
-    hooks = [m.register_forward_hook(conv_hook) for m in convs]
-    hooks += [
-        m.register_forward_hook(linear_hook) for m in net.modules() if isinstance(m, nn.Linear)
-    ]
-    try:
-        with torch.inference_mode():
-            dtype = next(net.parameters()).dtype
-            net(torch.zeros((1, *input_shape), dtype=dtype))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return NetSummary(len(convs), sum(p.numel() for p in net.parameters()), macs)
-
-
 # --------------------------------------------------------------------------- the nets
 
 
@@ -219,16 +170,18 @@ def _from_training(
 ) -> _ExportNets:
     """CKPT holds blocks: fuse it in memory into the first deploy form it fits."""
     from acnet_convert.api import fuse_and_load
-    from acnet_convert.verify.loading import _key_misfit, _load_strict, _state_dict
+    from acnet_convert.verify.loading import _key_misfit, _load_strict, _set_eps, _state_dict
 
     path = str(reader.path)
     state = _state_dict(reader)
     fits_train = not any(_key_misfit(forms.train, state))
+    _set_eps(forms.train, options.eps)  # --eps: the training net's BNs too, as verify does
     if fits_train:
         _load_strict(forms.train, state, path, f"{forms.label} (training form)", forms.train_hint)
     refusals: list[str] = []
     for form, build in forms.deploy_forms:
         net = build()
+        _set_eps(net, options.eps)  # BNs the deployed net keeps (stems, shortcuts)
         try:
             loaded = fuse_and_load(
                 net, reader.path, eps=options.eps, dialect=options.dialect,

@@ -179,6 +179,31 @@ def test_fused_checkpoint_exports_against_the_deploy_net(
     assert report["training_net"] is None and _onnx_convs(out) == 3
 
 
+def test_eps_reaches_both_nets(trained: dict[str, Path], tmp_path: Path, run_cli: CliRun) -> None:
+    # Fused with eps 1e-1 but compared with a training net left at 1e-5, the logits differ.
+    out = tmp_path / "eps.onnx"
+    report = json.loads(
+        run_cli(
+            "export", trained["cfqkbnc"], out, "--arch", "cfqkbnc", "--eps", "0.1", "--json"
+        ).stdout
+    )
+    assert report["passed"] and out.exists()
+
+
+def test_float16_checkpoint_uses_its_storage_tolerance(tmp_path: Path, run_cli: CliRun) -> None:
+    net = _training_net("cfqkbnc", 0)
+    half = tmp_path / "half.pth"
+    torch.save(
+        {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}, half
+    )
+    report = json.loads(
+        run_cli("export", half, tmp_path / "h.onnx", "--arch", "cfqkbnc", "--json").stdout
+    )
+    allowed = {c["name"]: c["allowed"] / c["ref_max"] for c in report["cases"]}
+    assert allowed["onnx vs deployed net (batch 2)"] == pytest.approx(1e-5)
+    assert allowed["onnx vs training net (batch 2)"] == pytest.approx(1e-2)
+
+
 def test_model_factory(tmp_path: Path, run_cli: CliRun) -> None:
     source = tmp_path / "mine.py"
     source.write_text(MODEL_SOURCE)
