@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from acnet_convert.atomic import atomic_output
-from acnet_convert.errors import UsageError
+from acnet_convert.errors import ACNetConvertError, UsageError
 from acnet_convert.quant import QuantReport
 
 __all__ = ["PLOT_HINT", "plot_quant_report", "require_plot_extra"]
@@ -38,11 +38,12 @@ def plot_quant_report(report: QuantReport, path: Path) -> None:
     and the channel range spread. Flagged layers are red.
 
     Raises:
-        UsageError: matplotlib missing, no layer to draw, or PATH's folder missing.
+        UsageError: matplotlib missing or PATH's folder missing.
+        ACNetConvertError: no conv kernel to draw.
     """
     require_plot_extra()
     if not report.layers:
-        raise UsageError(f"--plot: {report.source} has no conv kernel to draw")
+        raise ACNetConvertError(f"--plot: {report.source} has no conv kernel to draw")
     if not path.parent.is_dir():
         raise UsageError(f"--plot {path}: the folder '{path.parent}' does not exist")
     import matplotlib
