@@ -64,6 +64,15 @@ def moody():
 '''
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    """One intra-op thread: on a shared 2-core machine two threads thrash (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _onnx_convs(path: Path) -> int:
     return sum(node.op_type == "Conv" for node in onnx.load(str(path)).graph.node)
 
@@ -331,7 +340,9 @@ def test_missing_extra_says_what_to_install(
     assert not out.exists()
 
 
-def test_readme_export_and_stats_examples_run(tmp_path: Path) -> None:
+def test_readme_export_and_stats_examples_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import importlib.util
     import shlex
     import subprocess
@@ -339,6 +350,7 @@ def test_readme_export_and_stats_examples_run(tmp_path: Path) -> None:
 
     from test_readme import ROOT, run_commands, section_blocks
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as _one_thread, for the commands run here
     (export_block,) = section_blocks("## Export to ONNX")
     (stats_block,) = section_blocks("## Quantization readiness")
     make = shlex.split(export_block.splitlines()[0].split("#", 1)[0])
