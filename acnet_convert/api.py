@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from acnet_convert import dtypes
 from acnet_convert.checkpoint import CheckpointReader, open_checkpoint
 from acnet_convert.convert import fuse_state
 from acnet_convert.errors import ACNetConvertError, UsageError
-from acnet_convert.plan import LAYOUTS, FuseOptions, FusionPlan, plan_fusion
+from acnet_convert.plan import LAYOUTS, FuseOptions, FusionPlan, NamingOptions, plan_fusion
 
 __all__ = ["LoadReport", "fuse_and_load", "tensor_from_stored"]
 
@@ -122,10 +122,7 @@ def _fits(reader: CheckpointReader, options: FuseOptions, model_keys: set[str]) 
     """Plan every layout (from the index alone) and compare each with the model's keys."""
     fits: list[_Fit] = []
     for layout in LAYOUTS:
-        layout_options = FuseOptions(
-            eps=options.eps, layout=layout, dialect=options.dialect, renames=options.renames,
-            trust_pickle=options.trust_pickle,
-        )  # fmt: skip
+        layout_options = replace(options, layout=layout)
         try:
             plan = plan_fusion(reader, layout_options)
         except ACNetConvertError as err:
@@ -202,6 +199,7 @@ def fuse_and_load(
     dialect: str | None = None,
     renames: Sequence[tuple[str, str]] = (),
     check: bool = True,
+    naming: NamingOptions | None = None,
 ) -> LoadReport:
     """Fuse a training checkpoint in memory and load it into ``model``.
 
@@ -222,6 +220,10 @@ def fuse_and_load(
         dialect: force a naming dialect instead of detecting it.
         renames: ``(regex, replacement)`` pairs applied in order to every fused key.
         check: check every fused block numerically against its branches.
+        naming: the naming options ``fuse`` and ``verify`` share
+            (:class:`~acnet_convert.plan.NamingOptions`: family/dialect, patterns'
+            dialects, renames, eps, fold_bn); when given, it replaces ``eps``,
+            ``dialect`` and ``renames``.
 
     Returns:
         A :class:`LoadReport`.
@@ -239,9 +241,9 @@ def fuse_and_load(
     source = Path(ckpt)
     model_state = model.state_dict()
     model_keys = set(model_state)
-    options = FuseOptions(
-        eps=eps, check=check, dialect=dialect, renames=tuple(renames), trust_pickle=trust_pickle
-    )
+    if naming is None:
+        naming = NamingOptions(dialect=dialect, renames=tuple(renames), eps=eps)
+    options = naming.fuse_options(check=check, trust_pickle=trust_pickle)
     with open_checkpoint(source, trust_pickle=trust_pickle) as reader:
         fits = _fits(reader, options, model_keys)
         exact = [f for f in fits if f.exact]
@@ -258,11 +260,8 @@ def fuse_and_load(
         _check_shapes(str(source), chosen.plan, model_state)
         state = fuse_state(
             reader,
-            FuseOptions(
-                eps=eps, check=check, layout=chosen.layout, dialect=dialect,
-                renames=tuple(renames), trust_pickle=trust_pickle,
-            ),
-        )  # fmt: skip
+            replace(options, layout=chosen.layout),
+        )
     arrays = {k: v for k, v in state.tensors.items() if k in model_keys}
     if state.plan.outputs and chosen.layout == "baseline":
         _identity_vars(state.plan, model, arrays)
@@ -275,7 +274,7 @@ def fuse_and_load(
     return LoadReport(
         source=str(source),
         layout=chosen.layout,
-        dialect=state.plan.dialect.name,
+        dialect=state.plan.dialect_names,
         eps=state.plan.eps,
         blocks=tuple(b.label for b in state.blocks),
         keys_loaded=len(tensors),

@@ -67,8 +67,8 @@ def check_block(
         ``(u_stored + u_compute * fan_in + slack) * (|x| * |W| + |b|)``
         evaluated per output element.
     """
-    k = block.square.weight.shape[2]
-    x = rng.standard_normal((batch, block.square.weight.shape[1], k + margin, k + margin))
+    _, in_per_group, kh, kw = block.target
+    x = rng.standard_normal((batch, in_per_group, kh + margin, kw + margin))
     reference = reference_outputs(block, x)
     np_compute = dtypes.numpy_dtype(compute_dtype)
     got = conv_outputs(weight.astype(np_compute), bias.astype(np_compute), x.astype(np_compute))

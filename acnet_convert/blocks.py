@@ -1,41 +1,104 @@
-"""From a :class:`~acnet_convert.dialects.BlockSpec` and a checkpoint's tensors to
+"""From a :class:`~acnet_convert.naming.BlockSpec` and a checkpoint's tensors to
 validated float64 :class:`~acnet_convert.fusion.BlockTensors`.
 
 Shape checks run on the index alone (before any data is read); value checks
 (finite, ``running_var + eps > 0``) run when the block's tensors are loaded.
-Every message names the file, the block and the key.
+The checks that hold for every family live here (every part present and
+floating point, every branch fits centred in the primary kernel, BN widths);
+a family's own rule (ACNet: an odd square and one 1xk and one kx1) is its
+dialect's ``validate``. Every message names the file, the block and the key.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from acnet_convert import dtypes
 from acnet_convert.checkpoint.base import TensorInfo
-from acnet_convert.dialects import BlockSpec, BNSpec, BranchSpec
 from acnet_convert.errors import UnfusableBlockError
 from acnet_convert.fusion import BlockTensors, BNStats, Branch
+from acnet_convert.kinds import streamable
+from acnet_convert.naming import BlockSpec, BNSpec, BranchSpec
 
-__all__ = ["BlockGeometry", "block_geometry", "from_layout", "load_block", "to_layout"]
+__all__ = [
+    "BlockGeometry",
+    "BranchGeometry",
+    "block_geometry",
+    "from_layout",
+    "load_block",
+    "to_layout",
+]
+
+_HINT = "; is this checkpoint already fused? Try 'acnet-convert inspect'"
+
+
+@dataclass(frozen=True)
+class BranchGeometry:
+    """One branch as the index shows it: kind, kernel (dilated extent), the keys it consumes."""
+
+    kind: str
+    role: str
+    key: str
+    kernel: tuple[int, int]
+    dilation: int
+    has_bn: bool
+    keys: tuple[str, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "role": self.role,
+            "kernel": list(self.kernel),
+            "dilation": self.dilation,
+            "tensors": list(self.keys),
+        }
 
 
 @dataclass(frozen=True)
 class BlockGeometry:
-    """What the index says about a block: sizes, dtype and which branch is 1xk."""
+    """What the index says about a block: the target conv, its branches, dtype.
+
+    ``groups`` is known where shapes tell it (an identity branch: out / in-per-group;
+    a sequential branch: middle width / the kxk conv's in-channels), else None.
+    """
 
     out_channels: int
     in_per_group: int
-    kernel: int
-    hor: tuple[int, int]
-    ver: tuple[int, int]
+    kh: int
+    kw: int
+    groups: int | None
+    branches: tuple[BranchGeometry, ...]
     dtype: str
-    hor_index: int
     has_last_bn: bool
     affine: bool
     conv_bias: bool
+    streamable: bool = True
+
+    @property
+    def kernel(self) -> int:
+        """The target's kernel height (its size, for the square kernels of every family)."""
+        return self.kh
+
+    def _one_d(self, row: bool) -> tuple[int, int] | None:
+        for b in self.branches[1:]:
+            h, w = b.kernel
+            if (h == 1 and w > 1) if row else (w == 1 and h > 1):
+                return b.kernel
+        return None
+
+    @property
+    def hor(self) -> tuple[int, int] | None:
+        """The 1xk branch's kernel (ACNet), if any."""
+        return self._one_d(row=True)
+
+    @property
+    def ver(self) -> tuple[int, int] | None:
+        """The kx1 branch's kernel (ACNet), if any."""
+        return self._one_d(row=False)
 
 
 def _oihw(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
@@ -45,20 +108,23 @@ def _oihw(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
 
 
 def to_layout(array: np.ndarray, layout: str) -> np.ndarray:
-    """An OIHW kernel in the dialect's storage layout."""
+    """An OIHW kernel in the dialect's kernel order."""
     return array.transpose(2, 3, 1, 0) if layout == "HWIO" else array
 
 
 def from_layout(array: np.ndarray, layout: str) -> np.ndarray:
-    """A kernel stored in the dialect's layout, as OIHW."""
+    """A kernel stored in the dialect's kernel order, as OIHW."""
     return array.transpose(3, 2, 0, 1) if layout == "HWIO" else array
 
 
 class _Checker:
-    def __init__(self, source: str, spec: BlockSpec, infos: Mapping[str, TensorInfo]) -> None:
+    def __init__(
+        self, source: str, spec: BlockSpec, infos: Mapping[str, TensorInfo], layout: str
+    ) -> None:
         self.source = source
         self.spec = spec
         self.infos = infos
+        self.layout = layout
 
     def fail(self, message: str) -> UnfusableBlockError:
         return UnfusableBlockError(f"{self.source}: block '{self.spec.label}': {message}")
@@ -71,6 +137,12 @@ class _Checker:
             raise self.fail(f"'{key}' has dtype {info.dtype}; weights must be floating point")
         return info
 
+    def kernel(self, key: str) -> tuple[int, ...]:
+        shape = _oihw(self.info(key, _HINT).shape, self.layout)
+        if len(shape) != 4:
+            raise self.fail(f"'{key}' has shape {list(shape)}, expected a 4-D conv kernel")
+        return shape
+
     def vector(self, key: str, channels: int) -> None:
         shape = self.info(key).shape
         if shape != (channels,):
@@ -81,9 +153,8 @@ class _Checker:
     def bn(self, bn: BNSpec | None, channels: int, role: str) -> None:
         if bn is None:
             return
-        hint = "; is this checkpoint already fused? Try 'acnet-convert inspect'"
         for stat in (bn.mean, bn.var):
-            self.info(stat, hint)
+            self.info(stat, _HINT)
         for affine in (bn.weight, bn.bias):
             if affine is not None:
                 self.info(affine, f" ({role} has one of weight/bias but not the other)")
@@ -91,124 +162,228 @@ class _Checker:
             if key is not None:
                 self.vector(key, channels)
 
+    def fits(self, key: str, shape: tuple[int, ...], target: tuple[int, ...], d: int) -> None:
+        """A conv kernel (dilated extent) that fits centred in the target, same [O, I]."""
+        extent = (d * (shape[2] - 1) + 1, d * (shape[3] - 1) + 1)
+        dh, dw = target[2] - extent[0], target[3] - extent[1]
+        if shape[:2] != target[:2] or dh < 0 or dw < 0 or dh % 2 or dw % 2:
+            what = f" (dilation {d}: {extent[0]}x{extent[1]})" if d > 1 else ""
+            raise self.fail(
+                f"'{key}' has shape {list(shape)}{what}, which does not fit centred in the primary "
+                f"kernel {list(target)} of '{self.spec.square.first_key}' "
+                f"(expected [{target[0]}, {target[1]}, h, w] with h <= {target[2]}, w <= {target[3]}, "
+                "differences even)"
+            )
+
+
+def _branch_shape(c: _Checker, b: BranchSpec, target: tuple[int, ...]) -> tuple[int, int]:
+    """The kernel a branch adds (before the fit check), from its own tensors."""
+    if b.kind == "conv" and b.weight is not None:
+        shape = c.kernel(b.weight)
+        if len(target) and shape[:2] != target[:2]:
+            c.fits(b.weight, shape, target, b.dilation)
+        return (b.dilation * (shape[2] - 1) + 1, b.dilation * (shape[3] - 1) + 1)
+    if b.kind == "seq" and b.weight is not None:
+        shape = c.kernel(b.weight)
+        return (shape[2], shape[3])
+    if b.kind == "identity":
+        return (1, 1)
+    if b.kind == "avg":
+        return (target[2], target[3])
+    raise c.fail(f"a '{b.kind}' branch at '{b.first_key}' lacks its conv weight{_HINT}")
+
+
+def _check_branch(c: _Checker, b: BranchSpec, target: tuple[int, ...]) -> int | None:
+    """The shape checks of one non-primary branch; returns the groups it implies, if any."""
+    out_ch, in_pg, kh, kw = target
+    if b.kind == "conv" and b.weight is not None:
+        c.fits(b.weight, c.kernel(b.weight), target, b.dilation)
+    elif b.kind == "identity":
+        if b.bn is None:
+            raise c.fail(f"the identity branch '{b.role}' has no BatchNorm tensors")
+        if out_ch % in_pg or kh % 2 == 0 or kw % 2 == 0:
+            raise c.fail(
+                f"identity branch '{b.bn.var}' beside a primary conv {list(target)}: an identity "
+                "needs in == out channels and an odd kernel, which these shapes rule out"
+            )
+        return out_ch // in_pg
+    elif b.kind == "avg":
+        if b.pre is not None and b.pre.weight is not None:
+            c.fits(b.pre.weight, c.kernel(b.pre.weight), (out_ch, in_pg, 1, 1), 1)
+            c.bn(b.pre.bn, out_ch, b.pre.weight)
+        elif out_ch % in_pg:
+            raise c.fail(f"the average-pool branch '{b.role}' without a conv needs in == out")
+        if kh != kw:
+            raise c.fail(f"an average-pool branch needs a square kernel, not {kh}x{kw}")
+    elif b.kind == "seq" and b.weight is not None and b.pre is not None and b.pre.weight:
+        return _check_seq(c, b, target)
+    return None
+
+
+def _check_seq(c: _Checker, b: BranchSpec, target: tuple[int, ...]) -> int:
+    if b.weight is None or b.pre is None or b.pre.weight is None:
+        raise c.fail(f"the sequential branch '{b.role}' lacks one of its convs{_HINT}")
+    first = c.kernel(b.pre.weight)
+    second = c.kernel(b.weight)
+    mid = first[0]
+    if first[1] != target[1] or first[2:] != (1, 1) or second[1] == 0 or mid % second[1]:
+        raise c.fail(
+            f"'{b.pre.weight}' {list(first)} then '{b.weight}' {list(second)} do not compose "
+            f"into the primary kernel {list(target)} (a 1x1 conv, then groups of middle channels)"
+        )
+    groups = mid // second[1]
+    if target[0] % groups or (b.pre.implicit_identity and first[1] != second[1]):
+        raise c.fail(
+            f"'{b.pre.weight}' {list(first)} and '{b.weight}' {list(second)}: {groups} groups do "
+            f"not fit {target[0]} outputs{' and an identity 1x1' if b.pre.implicit_identity else ''}"
+        )
+    c.fits(b.weight, (target[0], target[1], *second[2:]), target, 1)
+    c.bn(b.pre.bn, mid, b.pre.weight)
+    return groups
+
 
 def block_geometry(
-    spec: BlockSpec, infos: Mapping[str, TensorInfo], source: str, layout: str = "OIHW"
+    spec: BlockSpec,
+    infos: Mapping[str, TensorInfo],
+    source: str,
+    layout: str = "OIHW",
+    validate: Callable[[Any], str | None] | None = None,
 ) -> BlockGeometry:
     """Check a block's shapes and dtypes from the index alone.
 
+    ``validate`` is the family's own rule (see :class:`~acnet_convert.naming.Dialect`).
+
     Raises:
-        UnfusableBlockError: a missing part, a non-float dtype, an even or
-            non-square kernel, 1-D kernels that are not one 1xk' and one
-            k'x1 with k' <= k, or channel counts that disagree.
+        UnfusableBlockError: a missing part, a non-float dtype, a branch that
+            does not fit the primary kernel, channel counts that disagree, or
+            a block the family's rule refuses.
     """
-    c = _Checker(source, spec, infos)
-    hint = "; is this checkpoint already fused? Try 'acnet-convert inspect'"
-    square = _oihw(c.info(spec.square.weight, hint).shape, layout)
-    if len(square) != 4:
-        raise c.fail(f"'{spec.square.weight}' has shape {list(square)}, expected a 4-D conv kernel")
+    c = _Checker(source, spec, infos, layout)
+    if spec.square.weight is None:
+        raise c.fail("the primary branch has no conv weight")
+    square = c.kernel(spec.square.weight)
     out_ch, in_ch, kh, kw = square
-    if kh != kw or kh % 2 == 0 or kh < 3:
-        raise c.fail(
-            f"'{spec.square.weight}' has a {kh}x{kw} kernel; an asymmetric block needs an odd square kernel of size 3 or more"
-        )
     if out_ch == 0 or in_ch == 0:
         raise c.fail(f"'{spec.square.weight}' has shape {list(square)} with no channels")
-    shapes = [_oihw(c.info(b.weight, hint).shape, layout) for b in spec.branches]
-    for branch, shape in zip(spec.branches, shapes, strict=True):
-        if len(shape) != 4 or shape[:2] != (out_ch, in_ch):
-            raise c.fail(
-                f"'{branch.weight}' has shape {list(shape)}, which does not fit the square kernel "
-                f"{list(square)} (expected [{out_ch}, {in_ch}, 1, k] or [{out_ch}, {in_ch}, k, 1])"
-            )
-    kinds = [
-        "hor" if s[2] == 1 and s[3] > 1 else "ver" if s[3] == 1 and s[2] > 1 else "bad"
-        for s in shapes
+    branches = spec.all_branches
+    kernels = [(kh, kw)] + [_branch_shape(c, b, square) for b in spec.branches]
+    draft = [
+        BranchGeometry(b.kind, b.role, b.first_key, k, b.dilation, b.bn is not None, b.keys())
+        for b, k in zip(branches, kernels, strict=True)
     ]
-    if sorted(kinds) != ["hor", "ver"]:
-        raise c.fail(
-            f"the 1-D kernels '{spec.branches[0].weight}' {list(shapes[0][2:])} and "
-            f"'{spec.branches[1].weight}' {list(shapes[1][2:])} are not one 1xk and one kx1"
-        )
-    hor_index = kinds.index("hor")
-    for branch, shape in zip(spec.branches, shapes, strict=True):
-        length = max(shape[2], shape[3])
-        if length % 2 == 0 or length > kh:
-            raise c.fail(
-                f"'{branch.weight}' is {shape[2]}x{shape[3]}; a 1-D kernel must have odd length no longer than the {kh}x{kh} square"
-            )
-    branches = (spec.square, *spec.branches)
-    with_bn = [b.bn is not None for b in branches]
+    geometry = _geometry(spec, infos, square, tuple(draft), None)
+    problem = validate(geometry) if validate is not None else None
+    if problem:
+        raise c.fail(problem)
+    groups = [g for b in spec.branches if (g := _check_branch(c, b, square)) is not None]
+    if len(set(groups)) > 1:
+        raise c.fail(f"its branches imply different group counts: {sorted(set(groups))}")
+    convs = [b for b in branches if b.kind == "conv"]
+    with_bn = [b.bn is not None for b in convs]
     if any(with_bn) and not all(with_bn):
-        missing = next(b for b in branches if b.bn is None)
+        missing = next(b for b in convs if b.bn is None)
         raise c.fail(f"the branch '{missing.weight}' has no BatchNorm while its siblings do")
     for b in branches:
-        c.bn(b.bn, out_ch, b.weight)
+        c.bn(b.bn, out_ch, b.first_key)
         if b.bias is not None:
             c.vector(b.bias, out_ch)
     c.bn(spec.last_bn, out_ch, "last_bn")
-    affine = all(b.bn is None or b.bn.weight is not None for b in branches)
+    return _geometry(spec, infos, square, tuple(draft), groups[0] if groups else None)
+
+
+def _geometry(
+    spec: BlockSpec,
+    infos: Mapping[str, TensorInfo],
+    square: tuple[int, ...],
+    branches: tuple[BranchGeometry, ...],
+    groups: int | None,
+) -> BlockGeometry:
+    bns = [b.bn for b in spec.all_branches if b.bn] + [
+        b.pre.bn for b in spec.all_branches if b.pre and b.pre.bn
+    ]
     return BlockGeometry(
-        out_channels=out_ch,
-        in_per_group=in_ch,
-        kernel=kh,
-        hor=(shapes[hor_index][2], shapes[hor_index][3]),
-        ver=(shapes[1 - hor_index][2], shapes[1 - hor_index][3]),
-        dtype=infos[spec.square.weight].dtype,
-        hor_index=hor_index,
+        out_channels=square[0],
+        in_per_group=square[1],
+        kh=square[2],
+        kw=square[3],
+        groups=groups,
+        branches=branches,
+        dtype=infos[spec.square.weight].dtype if spec.square.weight else "float32",
         has_last_bn=spec.last_bn is not None,
-        affine=affine,
-        conv_bias=any(b.bias is not None for b in branches),
+        affine=all(bn.weight is not None for bn in bns),
+        conv_bias=any(b.bias is not None for b in spec.all_branches),
+        streamable=streamable(spec.all_branches),
     )
+
+
+Reader = Callable[[str], np.ndarray]
 
 
 def load_block(
     spec: BlockSpec,
     infos: Mapping[str, TensorInfo],
-    read: Callable[[str], np.ndarray],
+    read: Reader,
     eps: float,
     source: str,
     layout: str = "OIHW",
+    *,
+    first_channel: int = 0,
+    read_whole: Reader | None = None,
+    bn_eps: Mapping[str, float] | None = None,
 ) -> BlockTensors:
     """Read a block's tensors into float64, in OIHW, checking their values.
+
+    ``read`` gives the rows of the slab being fused (per-output-channel
+    tensors); ``read_whole`` the whole tensor, for the middle channels of a
+    sequential branch (default: ``read``). ``bn_eps`` maps a BN's
+    running-mean key to the epsilon its file declares; ``eps`` is used for the others.
 
     Raises:
         UnfusableBlockError: NaN/Inf anywhere in the block, or
             ``running_var + eps <= 0`` in one of its BNs.
     """
-    c = _Checker(source, spec, infos)
+    c = _Checker(source, spec, infos, layout)
+    whole = read_whole or read
+    declared = bn_eps or {}
 
-    def load(key: str) -> np.ndarray:
-        values = dtypes.to_float64(read(key), infos[key].dtype)
+    def load(key: str, reader: Reader = read) -> np.ndarray:
+        values = dtypes.to_float64(reader(key), infos[key].dtype)
         if not np.all(np.isfinite(values)):
             raise c.fail(f"'{key}' holds NaN or Inf; the training run may have diverged")
         return values
 
-    def bn(s: BNSpec | None) -> BNStats | None:
+    def bn(s: BNSpec | None, reader: Reader = read) -> BNStats | None:
         if s is None:
             return None
-        var = load(s.var)
-        if np.any(var + eps <= 0):
-            raise c.fail(
-                f"'{s.var}' + eps ({eps:g}) is not positive; the BN statistics are corrupt"
-            )
+        e = declared.get(s.mean, eps)
+        var = load(s.var, reader)
+        if np.any(var + e <= 0):
+            raise c.fail(f"'{s.var}' + eps ({e:g}) is not positive; the BN statistics are corrupt")
         return BNStats(
-            mean=load(s.mean),
+            mean=load(s.mean, reader),
             var=var,
-            weight=load(s.weight) if s.weight else None,
-            bias=load(s.bias) if s.bias else None,
-            eps=eps,
+            weight=load(s.weight, reader) if s.weight else None,
+            bias=load(s.bias, reader) if s.bias else None,
+            eps=e,
         )
 
-    def branch(s: BranchSpec) -> Branch:
+    def branch(s: BranchSpec, reader: Reader = read) -> Branch:
+        pre_reader = whole if s.kind == "seq" else reader
         return Branch(
-            weight=np.ascontiguousarray(from_layout(load(s.weight), layout)),
-            bias=load(s.bias) if s.bias else None,
-            bn=bn(s.bn),
+            weight=np.ascontiguousarray(from_layout(load(s.weight, reader), layout))
+            if s.weight
+            else None,
+            bias=load(s.bias, reader) if s.bias else None,
+            bn=bn(s.bn, reader),
+            kind=s.kind,
+            dilation=s.dilation,
+            pre=branch(s.pre, pre_reader) if s.pre else None,
+            implicit_identity=s.implicit_identity,
         )
 
     return BlockTensors(
         square=branch(spec.square),
-        others=(branch(spec.branches[0]), branch(spec.branches[1])),
+        others=tuple(branch(b) for b in spec.branches),
         last_bn=bn(spec.last_bn),
+        first_channel=first_channel,
     )

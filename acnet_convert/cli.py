@@ -68,9 +68,12 @@ def _naming_options(fn: F) -> F:
         help="TOML file defining extra naming dialects (see README).",
     )(fn)
     return click.option(
+        "--family",
         "--dialect",
+        "dialect",
         default=None,
-        help="Force a naming dialect instead of detecting it (see 'inspect').",
+        help="Force a block family (acnet, dbb, repvgg, repconv, mobileone, timm, replknet) "
+        "or one naming dialect instead of detecting it (see 'inspect').",
     )(fn)
 
 
@@ -134,6 +137,9 @@ def _fuse_options(
     patterns: Path | None,
     rename: Sequence[str],
     trust_pickle: bool,
+    *,
+    fold_bn: bool = False,
+    allow_unfused: bool = False,
 ) -> Any:
     from acnet_convert.plan import FuseOptions
 
@@ -145,6 +151,8 @@ def _fuse_options(
         extra_dialects=_load_patterns(patterns),
         renames=_parse_renames(rename),
         trust_pickle=trust_pickle,
+        fold_bn=fold_bn,
+        allow_unfused=allow_unfused,
     )
 
 
@@ -162,7 +170,7 @@ def _summary(report: Any) -> str:
 @click.option(
     "--to",
     "to_format",
-    type=click.Choice(["pth", "hdf5", "safetensors"]),
+    type=click.Choice(["pth", "hdf5", "safetensors", "pdparams"]),
     help="Output format (default: from OUT's extension; with --out-dir: the input's).",
 )
 @click.option(
@@ -189,6 +197,18 @@ def _summary(report: Any) -> str:
     help="Rename output keys (repeatable, applied in order).",
 )
 @click.option("--dry-run", is_flag=True, help="Show what would be written, write nothing.")
+@click.option(
+    "--fold-bn",
+    is_flag=True,
+    help="Also fold every plain conv followed by its own BN (<b>.conv + <b>.bn, "
+    "<b>.<i> + <b>.<i+1>) into the conv's weight and bias.",
+)
+@click.option(
+    "--allow-unfused",
+    is_flag=True,
+    help="Copy tensors that look like unfused training-time branches through, with a note, "
+    "instead of refusing (exit 3).",
+)
 @click.option(
     "--out-dir",
     type=click.Path(path_type=Path, file_okay=False),
@@ -217,6 +237,8 @@ def fuse(
     patterns: Path | None,
     rename: tuple[str, ...],
     dry_run: bool,
+    fold_bn: bool,
+    allow_unfused: bool,
     out_dir: Path | None,
     jobs: int,
     quiet: bool,
@@ -230,7 +252,17 @@ def fuse(
     Before writing, each fused block is checked numerically against its
     branches; the output appears only when everything succeeded.
     """
-    options = _fuse_options(eps, no_check, layout, dialect, patterns, rename, trust_pickle)
+    options = _fuse_options(
+        eps,
+        no_check,
+        layout,
+        dialect,
+        patterns,
+        rename,
+        trust_pickle,
+        fold_bn=fold_bn,
+        allow_unfused=allow_unfused,
+    )
     if out_dir is not None:
         sys.exit(_fuse_batch(paths, out_dir, to_format, options, force, jobs, quiet, as_json))
     if len(paths) != 2:
@@ -517,7 +549,26 @@ _VERIFY_ROWS = 12
     show_default=True,
     help="FUSED's layout; auto: found from its keys.",
 )
-@click.option("--dialect", default=None, help="Force TRAIN's naming dialect (see 'inspect').")
+@click.option(
+    "--family",
+    "--dialect",
+    "dialect",
+    default=None,
+    help="Force TRAIN's block family or naming dialect (see 'inspect'). "
+    "[default: what FUSED records, else detected]",
+)
+@click.option(
+    "--patterns",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="TOML file defining extra naming dialects, as given to 'fuse'.",
+)
+@click.option(
+    "--rename",
+    multiple=True,
+    metavar="REGEX=REPLACEMENT",
+    help="The renames given to 'fuse' (repeatable). [default: what FUSED records]",
+)
 @click.option(
     "--eps",
     type=float,
@@ -574,6 +625,11 @@ _VERIFY_ROWS = 12
     default=None,
     help="Also write the result as JUnit XML to this file, for CI.",
 )
+@click.option(
+    "--allow-extra",
+    is_flag=True,
+    help="Pass although FUSED holds tensors that TRAIN does not explain (block mode).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No notes or summary on stderr.")
 @_trust_option
 @_json_option
@@ -586,6 +642,8 @@ def verify(
     list_archs: bool,
     layout: str,
     dialect: str | None,
+    patterns: Path | None,
+    rename: tuple[str, ...],
     eps: float | None,
     seed: int,
     batch: int,
@@ -596,6 +654,7 @@ def verify(
     rtol: float | None,
     atol: float,
     junit: Path | None,
+    allow_extra: bool,
     quiet: bool,
     trust_pickle: bool,
     as_json: bool,
@@ -648,6 +707,9 @@ def verify(
             rtol=rtol,
             atol=atol,
             trust_pickle=trust_pickle,
+            allow_extra=allow_extra,
+            extra_dialects=_load_patterns(patterns),
+            renames=_parse_renames(rename),
         )
         if quiet or not err.is_terminal:
             result = verify_checkpoints(train, fused, options)
@@ -669,7 +731,8 @@ def verify(
         _render_verify(result, _stdout())
     if result.passed and not quiet:
         checks = result.checks()
-        worst = max((*result.cases, *result.block_checks), key=lambda c: c.max_rel, default=None)
+        numeric = [c for c in (*result.cases, *result.block_checks) if c.max_rel == c.max_rel]
+        worst = max(numeric, key=lambda c: c.max_rel, default=None)
         figure = f", max_rel {worst.max_rel:.3g}" if worst is not None else ""
         err.print(
             f"verified: {_escape(str(fused))} computes what {_escape(str(train))} computes "
@@ -689,7 +752,8 @@ def _render_verify(result: Any, console: Any) -> None:
     from rich.table import Table
 
     def fmt(value: float | None, spec: str = ".3g") -> str:
-        return "-" if value is None else format(value, spec)
+        # NaN: a check that lists tensors (missing, extra) and has no figures.
+        return "-" if value is None or value != value else format(value, spec)
 
     def table(title: str, cases: Sequence[Any], network: bool) -> Any:
         t = Table(title=title, title_justify="left")

@@ -35,7 +35,7 @@ import numpy as np
 from acnet_convert import __version__, dtypes
 from acnet_convert.atomic import atomic_output
 from acnet_convert.blockcheck import BlockCheck, check_block
-from acnet_convert.blocks import load_block, to_layout
+from acnet_convert.blocks import BranchGeometry, load_block, to_layout
 from acnet_convert.checkpoint import (
     CheckpointReader,
     RawBytes,
@@ -85,12 +85,16 @@ ProgressCallback = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class BlockReport:
-    """One fused block: geometry and, when checked, how it compared."""
+    """One fused block: geometry and, when checked, how it compared.
+
+    ``hor``/``ver`` are an ACNet block's 1-D kernels (None for other
+    families); ``branches`` lists every branch (kind, kernel, tensors).
+    """
 
     label: str
     kernel: int
-    hor: tuple[int, int]
-    ver: tuple[int, int]
+    hor: tuple[int, int] | None
+    ver: tuple[int, int] | None
     dtype: str
     last_bn: bool
     affine: bool
@@ -99,13 +103,18 @@ class BlockReport:
     max_abs: float | None = None
     max_rel: float | None = None
     passed: bool | None = None
+    family: str = "acnet"
+    kernel_shape: tuple[int, int] = (0, 0)
+    branches: tuple[BranchGeometry, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         return {
             "block": self.label,
-            "kernel": [self.kernel, self.kernel],
-            "hor": list(self.hor),
-            "ver": list(self.ver),
+            "family": self.family,
+            "kernel": list(self.kernel_shape) if self.kernel_shape[0] else [self.kernel] * 2,
+            "hor": list(self.hor) if self.hor else None,
+            "ver": list(self.ver) if self.ver else None,
+            "branches": [b.as_json() for b in self.branches],
             "dtype": self.dtype,
             "last_bn": self.last_bn,
             "affine": self.affine,
@@ -140,6 +149,7 @@ class FuseReport:
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "schema": 1,
             "source": self.source,
             "output": self.output,
             "format_in": self.format_in,
@@ -284,7 +294,12 @@ _SLAB_BYTES = 512 << 10
 
 
 def _block_slabs(
-    reader: CheckpointReader, block: PlannedBlock, eps: float, source: str, layout: str
+    reader: CheckpointReader,
+    block: PlannedBlock,
+    eps: float,
+    source: str,
+    layout: str,
+    bn_eps: Mapping[str, float] | None = None,
 ) -> Iterator[tuple[slice, BlockTensors]]:
     """The block's tensors in float64 (checked by :func:`load_block`), a slab of channels at a time.
 
@@ -297,7 +312,9 @@ def _block_slabs(
     ``pread`` where they can, so no page of a reader's mmap becomes resident.
     """
     g = block.geometry
-    rows_per_slab = max(1, _SLAB_BYTES // (8 * g.in_per_group * g.kernel * g.kernel))
+    rows_per_slab = max(1, _SLAB_BYTES // (8 * g.in_per_group * g.kh * g.kw))
+    if not g.streamable:  # a sequential branch mixes a group's middle channels
+        rows_per_slab = g.out_channels
     whole: dict[str, np.ndarray] = {}
     raws: dict[str, RawBytes | None] = {}
 
@@ -322,13 +339,30 @@ def _block_slabs(
         values = whole[key]
         return values[..., rows] if kernel and layout == "HWIO" else values[rows]
 
+    def read_whole(key: str) -> np.ndarray:
+        info = reader.tensors[key]
+        return rows_of(key, slice(0, info.shape[0] if info.shape else 0))
+
     for start in range(0, g.out_channels, rows_per_slab):
         rows = slice(start, min(start + rows_per_slab, g.out_channels))
 
         def read(key: str, rows: slice = rows) -> np.ndarray:
             return rows_of(key, rows)
 
-        yield rows, load_block(block.spec, reader.tensors, read, eps, source, layout)
+        yield (
+            rows,
+            load_block(
+                block.spec,
+                reader.tensors,
+                read,
+                eps,
+                source,
+                layout,
+                first_channel=start,
+                read_whole=read_whole,
+                bn_eps=bn_eps,
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -387,8 +421,10 @@ def _fuse_one(
     g = block.geometry
     bias = np.empty(g.out_channels)
     checks: list[BlockCheck] = []
-    layout = plan.dialect.kernel_layout
-    for rows, tensors in _block_slabs(reader, block, plan.eps, plan.source, layout):
+    layout = plan.dialect.kernel_order
+    eps = block.eps if block.eps is not None else plan.eps
+    slabs = _block_slabs(reader, block, eps, plan.source, layout, plan.bn_eps)
+    for rows, tensors in slabs:
         w, b = fuse_block(tensors)
         stored = dtypes.from_float64(w, g.dtype)
         stored_w = dtypes.to_float64(stored, g.dtype)
@@ -486,7 +522,7 @@ def _fuse_blocks(
     Raises:
         VerificationError: a fused block does not reproduce its branches.
     """
-    layout = plan.dialect.kernel_layout
+    layout = plan.dialect.kernel_order
     rng = np.random.default_rng(options.seed) if options.check else None
     reports: list[BlockReport] = []
     failures: list[str] = []
@@ -502,14 +538,15 @@ def _fuse_blocks(
             continue
         g = block.geometry
         weight_key = next(key for key, role in block.outputs if role == "weight")
-        oihw = TensorInfo(weight_key, g.dtype, (g.out_channels, g.in_per_group, g.kernel, g.kernel))
+        oihw = TensorInfo(weight_key, g.dtype, (g.out_channels, g.in_per_group, g.kh, g.kw))
         put_rows = into.rows(weight_key, oihw) if layout == "OIHW" else None
         kernel = None
         if put_rows is None:
             kernel = np.empty(oihw.shape, dtypes.numpy_dtype(g.dtype))
             put_rows = kernel.__setitem__
         bias, count, checked = _fuse_one(reader, plan, block, put_rows, rng)
-        for key, value in _block_values(block, kernel, bias, plan.eps, layout, count).items():
+        eps = block.eps if block.eps is not None else plan.eps
+        for key, value in _block_values(block, kernel, bias, eps, layout, count).items():
             into.put(key, value)
         if checked is not None and not checked.passed:
             failures.append(f"'{block.spec.label}' (max relative difference {checked.max_rel:.3g})")
@@ -527,6 +564,9 @@ def _fuse_blocks(
                 max_abs=checked.max_abs if checked else None,
                 max_rel=checked.max_rel if checked else None,
                 passed=checked.passed if checked else None,
+                family=block.spec.family,
+                kernel_shape=(g.kh, g.kw),
+                branches=g.branches,
             )
         )
     if failures:
@@ -660,17 +700,23 @@ def fuse_checkpoint(
                 "acnet_convert.version": __version__,
                 "acnet_convert.eps": repr(plan.eps),
                 "acnet_convert.blocks_fused": str(len(reports)),
-                "acnet_convert.dialect": plan.dialect.name,
+                "acnet_convert.dialect": plan.dialect_names,
                 "acnet_convert.layout": options.layout,
                 "acnet_convert.source_sha256": digest,
                 "acnet_convert.source": source.name,
             }
         )
+        import json
+
+        if options.renames:
+            metadata["acnet_convert.renames"] = json.dumps([list(r) for r in options.renames])
+        if options.eps is not None:
+            metadata["acnet_convert.eps_option"] = repr(options.eps)
+        if options.fold_bn:
+            metadata["acnet_convert.fold_bn"] = "true"
         aliases = {b.spec.label: b.alias_of for b in plan.blocks if b.alias_of}
         aliases.update({f"{a} ({d})": p for a, d, p in plan.dropped_aliases})
         if aliases:
-            import json
-
             metadata["acnet_convert.aliases"] = json.dumps(aliases)
 
         feed = _OutputFeed(reader, plan, scratch.raw)
@@ -703,12 +749,13 @@ def fuse_checkpoint(
             if k in reader.metadata
         )
         notes += plan_notes(plan)
+        notes += _extension_notes(source)
         report = FuseReport(
             source=str(source),
             output=str(output),
             format_in=reader.format,
             format_out=fmt,
-            dialect=plan.dialect.name,
+            dialect=plan.dialect_names,
             layout=options.layout,
             eps=plan.eps,
             blocks=tuple(reports),
@@ -722,6 +769,14 @@ def fuse_checkpoint(
             notes=notes,
         )
     return report
+
+
+def _extension_notes(source: Path) -> tuple[str, ...]:
+    """The note that the file's extension does not match its content, if so (a 32-byte read)."""
+    from acnet_convert.checkpoint.sniff import extension_note, sniff_format
+
+    note = extension_note(source, sniff_format(source))
+    return (note,) if note else ()
 
 
 def _confirm_written(

@@ -1,21 +1,21 @@
-"""How checkpoints in the wild name the parts of an asymmetric convolution block.
+"""Finding blocks in a checkpoint's keys: which family and dialect names them, and which keys.
 
-A :class:`Dialect` is data: one regular expression that finds a block's
-square kernel (its named groups become template fields), templates for the
-keys of every other part, and templates for the fused conv on output.
-:func:`find_blocks` tries every dialect and reports the blocks found, each
-as a :class:`BlockSpec` naming the keys it consumes. The same dataclass is
-what a user's ``--patterns`` TOML file becomes (:mod:`acnet_convert.patterns`).
+A :class:`~acnet_convert.naming.Dialect` is data (:mod:`acnet_convert.naming`);
+the built-in ones come from the family registry (:mod:`acnet_convert.families`).
+:func:`find_blocks` tries every dialect and reports the blocks found, each as
+a :class:`BlockSpec` naming the keys it consumes.
 
-Which dialect is used:
+Which dialects are used:
 
-1. ``--dialect NAME`` forces one.
+1. ``--family NAME`` / ``--dialect NAME`` forces one family or dialect.
 2. Otherwise every named dialect (the user's first, then the built-in ones)
-   is tried; the one that finds blocks is used. When several do, the
-   checkpoint is ambiguous and :func:`find_blocks` raises, listing them,
-   unless the extra ones only find aliases (rule 4).
+   is tried. Within one family, the one dialect that finds blocks is used;
+   when several do, the checkpoint is ambiguous and :func:`find_blocks`
+   raises, listing them, unless the extra ones only find aliases (rule 4).
+   Blocks of different families are all used (a mixed checkpoint: an ACNet
+   backbone with a RepVGG head).
 3. Only when no named dialect finds a block is ``generic`` tried: three
-   sibling convs told apart by kernel shape (see :func:`_generic_blocks`).
+   sibling convs told apart by kernel shape (:mod:`acnet_convert.generic`).
 4. Aliases. Some models register one module under two names, or expose a
    second naming of the same tensors (an mmcv-style port that also offers
    upstream's ``square_conv``). Block B is an *alias* of block A when they
@@ -30,21 +30,37 @@ Which dialect is used:
    tensor: equal values alone cannot tell an alias from, say, two BNs that
    were never trained.
 
-The 1-D branches are told apart by kernel shape, not by name: some ports swap
-what "ver" and "hor" mean. Shape checks live in :mod:`acnet_convert.blocks`.
+Branch roles are settled by shape, not by name: some ports swap what "ver"
+and "hor" mean. Shape checks live in :mod:`acnet_convert.blocks`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from acnet_convert.errors import UnfusableBlockError, UsageError
+from acnet_convert.families import ACNET_DIALECTS, ALL_DIALECTS, FAMILIES, GENERIC
+from acnet_convert.generic import generic_blocks
+from acnet_convert.naming import (
+    BlockSpec,
+    BNNames,
+    BNSpec,
+    BranchNames,
+    BranchSpec,
+    Dialect,
+    bn_names,
+    template_fields,
+)
+
+# ACNet v1's dialects (the registry of every family's: ALL_DIALECTS)
+BUILTIN_DIALECTS = ACNET_DIALECTS
 
 __all__ = [
+    "ALL_DIALECTS",
     "BUILTIN_DIALECTS",
+    "FAMILIES",
     "GENERIC",
     "Alias",
     "BNNames",
@@ -61,330 +77,20 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class BNNames:
-    """Templates for a BatchNorm's keys; ``count`` is num_batches_tracked, if stored."""
-
-    weight: str
-    bias: str
-    mean: str
-    var: str
-    count: str | None = None
-
-
-@dataclass(frozen=True)
-class BranchNames:
-    """Templates for one branch: its conv weight, optional conv bias, and its BN."""
-
-    weight: str
-    bias: str | None
-    bn: BNNames
-
-
-@dataclass(frozen=True)
-class Dialect:
-    """One naming scheme for training-time blocks, and for their fused form.
-
-    ``anchor`` is matched against whole keys and finds square kernels; its
-    named groups fill the ``{field}`` slots of every template. ``derived``
-    computes extra fields: ``(name, source field, ((regex, replacement), ...))``,
-    the first regex that fully matches the source wins, and no match keeps
-    the source's value (PaddleClas names the BN of conv ``res2a_branch2b``
-    ``bn2a_branch2b``). ``label`` says how a block is shown to people.
-    Kernels are stored ``OIHW`` (PyTorch, Paddle) or ``HWIO`` (Keras).
-    ``default_eps`` is the BN epsilon of the framework the dialect comes from.
-
-    The generic dialect has no anchor and no branch templates (``None``):
-    it finds blocks by kernel shape.
-    """
-
-    name: str
-    description: str
-    anchor: str | None
-    fused_weight: str
-    fused_bias: str
-    label: str
-    square: BranchNames | None = None
-    branches: tuple[BranchNames, BranchNames] | None = None
-    last_bn: BNNames | None = None
-    derived: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = ()
-    kernel_layout: str = "OIHW"
-    default_eps: float = 1e-5
-
-    def fields_for(self, key: str) -> dict[str, str] | None:
-        """Template fields when ``key`` is a square kernel of this dialect, else None.
-
-        >>> get_dialect("paddle").fields_for("res2a_branch2b_acsquare_weights")["b"]
-        'bn2a_branch2b'
-        """
-        if self.anchor is None:
-            return None
-        match = re.fullmatch(self.anchor, key)
-        if match is None:
-            return None
-        fields = {k: (v or "") for k, v in match.groupdict().items()}
-        for name, source, rules in self.derived:
-            value = fields[source]
-            for pattern, replacement in rules:
-                derived_match = re.fullmatch(pattern, value)
-                if derived_match:
-                    fields[name] = derived_match.expand(replacement)
-                    break
-            else:
-                fields[name] = value
-        return fields
-
-    def templates(self) -> dict[str, str]:
-        """Every key template of the dialect, by where it sits (for validation and messages)."""
-        out = {
-            "fused_weight": self.fused_weight,
-            "fused_bias": self.fused_bias,
-            "label": self.label,
-        }
-        named = [("square", self.square)]
-        if self.branches is not None:
-            named += [("branches[0]", self.branches[0]), ("branches[1]", self.branches[1])]
-        for where, branch in named:
-            if branch is None:
-                continue
-            out[f"{where}.weight"] = branch.weight
-            if branch.bias is not None:
-                out[f"{where}.bias"] = branch.bias
-            out.update({f"{where}.bn.{k}": v for k, v in _bn_templates(branch.bn).items()})
-        if self.last_bn is not None:
-            out.update({f"last_bn.{k}": v for k, v in _bn_templates(self.last_bn).items()})
-        return out
-
-
-def _bn_templates(bn: BNNames) -> dict[str, str]:
-    out = {"weight": bn.weight, "bias": bn.bias, "mean": bn.mean, "var": bn.var}
-    if bn.count is not None:
-        out["count"] = bn.count
-    return out
-
-
-def template_fields(template: str) -> list[str]:
-    """The ``{field}`` names a template uses.
-
-    Raises:
-        ValueError: unbalanced braces, positional ``{}`` fields, or fields
-            with attribute/index access, conversions or format specs.
-
-    >>> template_fields("{p}square_conv.weight")
-    ['p']
-    """
-    import string
-
-    names: list[str] = []
-    for _literal, field, spec, conversion in string.Formatter().parse(template):
-        if field is None:
-            continue
-        if not field.isidentifier() or spec or conversion:
-            raise ValueError(f"'{{{field}}}' is not a plain field name like '{{p}}'")
-        names.append(field)
-    return names
-
-
-@dataclass(frozen=True)
-class BNSpec:
-    """Actual keys of one BN in a checkpoint; weight/bias are None when affine=False."""
-
-    mean: str
-    var: str
-    weight: str | None
-    bias: str | None
-    count: str | None
-
-    def keys(self) -> tuple[str, ...]:
-        return tuple(k for k in (self.weight, self.bias, self.mean, self.var, self.count) if k)
-
-
-@dataclass(frozen=True)
-class BranchSpec:
-    """Actual keys of one branch; ``bn`` is None for a branch with no BN."""
-
-    weight: str
-    bias: str | None
-    bn: BNSpec | None
-
-    def keys(self) -> tuple[str, ...]:
-        own = tuple(k for k in (self.weight, self.bias) if k)
-        return own + (self.bn.keys() if self.bn else ())
-
-
-@dataclass(frozen=True)
-class BlockSpec:
-    """One block found in a checkpoint: which keys hold which part.
-
-    ``branches`` are the two 1-D branches in the order the dialect names them
-    (their roles are settled by shape later); ``fused_weight``/``fused_bias``
-    are the keys the deploy layout writes; ``fields`` are the template fields,
-    for other layouts.
-    """
-
-    label: str
-    dialect: str
-    square: BranchSpec
-    branches: tuple[BranchSpec, BranchSpec]
-    last_bn: BNSpec | None
-    fused_weight: str
-    fused_bias: str
-    fields: Mapping[str, str]
-
-    def keys(self) -> tuple[str, ...]:
-        """Every key the block consumes."""
-        out = self.square.keys() + self.branches[0].keys() + self.branches[1].keys()
-        return out + (self.last_bn.keys() if self.last_bn else ())
-
-
-def bn_names(stem: str, style: str = "torch") -> BNNames:
-    """BN key templates under ``stem`` in a framework's style.
-
-    ``torch``: ``<stem>.{weight,bias,running_mean,running_var,num_batches_tracked}``;
-    ``paddle``: ``<stem>_{scale,offset,mean,variance}``;
-    ``keras``: ``<stem>/{gamma,beta,moving_mean,moving_variance}:0``.
-
-    >>> bn_names("{p}square_bn").var
-    '{p}square_bn.running_var'
-    """
-    if style == "paddle":
-        return BNNames(f"{stem}_scale", f"{stem}_offset", f"{stem}_mean", f"{stem}_variance")
-    if style == "keras":
-        return BNNames(
-            f"{stem}/gamma:0",
-            f"{stem}/beta:0",
-            f"{stem}/moving_mean:0",
-            f"{stem}/moving_variance:0",
-        )
-    if style != "torch":
-        raise ValueError(f"unknown BN style '{style}'")
-    return BNNames(
-        f"{stem}.weight",
-        f"{stem}.bias",
-        f"{stem}.running_mean",
-        f"{stem}.running_var",
-        f"{stem}.num_batches_tracked",
-    )
-
-
-def _torch_branch(conv: str, bn: str) -> BranchNames:
-    return BranchNames(f"{{p}}{conv}.weight", f"{{p}}{conv}.bias", bn_names(f"{{p}}{bn}"))
-
-
-def _keras_branch(layer: str) -> BranchNames:
-    # Keras 2 h5: group <layer>, dataset <layer>/<weight>:0 inside it.
-    return BranchNames(
-        f"{layer}/{layer}/kernel:0",
-        f"{layer}/{layer}/bias:0",
-        bn_names(f"{layer}_bn/{layer}_bn", style="keras"),
-    )
-
-
-# ``p`` includes its trailing dot, so a block at the top level has p == "".
-_TORCH_PREFIX = r"(?P<p>(?:.+\.)?)"
-
-GENERIC = Dialect(
-    name="generic",
-    description="any port: a kxk, a 1xk and a kx1 conv under one parent, told apart by shape "
-    "(tried last, only when no named dialect matches)",
-    anchor=None,
-    fused_weight="{p}fused_conv.weight",
-    fused_bias="{p}fused_conv.bias",
-    label="{p}",
-)
-
-BUILTIN_DIALECTS: tuple[Dialect, ...] = (
-    Dialect(
-        name="acnet",
-        description="upstream ACNet (acnet/acb.py): square_conv/hor_conv/ver_conv + *_bn, "
-        "optional last_bn (legacy: 1x3/3x1 on any square)",
-        anchor=_TORCH_PREFIX + r"square_conv\.weight",
-        square=_torch_branch("square_conv", "square_bn"),
-        branches=(_torch_branch("hor_conv", "hor_bn"), _torch_branch("ver_conv", "ver_bn")),
-        last_bn=bn_names("{p}last_bn"),
-        fused_weight="{p}fused_conv.weight",
-        fused_bias="{p}fused_conv.bias",
-        label="{p}",
-    ),
-    Dialect(
-        name="acnet-2019",
-        description="upstream ACNet of 2019 (acnet_builder.py): square_layer/square_BN, "
-        "horizontal_layer/horizontal_BN (1x3), vertical_layer/vertical_BN (3x1)",
-        anchor=_TORCH_PREFIX + r"square_layer\.weight",
-        square=_torch_branch("square_layer", "square_BN"),
-        branches=(
-            _torch_branch("horizontal_layer", "horizontal_BN"),
-            _torch_branch("vertical_layer", "vertical_BN"),
-        ),
-        fused_weight="{p}fused_conv.weight",
-        fused_bias="{p}fused_conv.bias",
-        label="{p}",
-    ),
-    Dialect(
-        name="mmcv",
-        description="mmcv-style ports: conv_kxk/conv_1xk/conv_kx1, "
-        "each a ConvModule with .conv and .bn",
-        anchor=_TORCH_PREFIX + r"conv_kxk\.conv\.weight",
-        square=BranchNames(
-            "{p}conv_kxk.conv.weight", "{p}conv_kxk.conv.bias", bn_names("{p}conv_kxk.bn")
-        ),
-        branches=(
-            BranchNames(
-                "{p}conv_1xk.conv.weight", "{p}conv_1xk.conv.bias", bn_names("{p}conv_1xk.bn")
-            ),
-            BranchNames(
-                "{p}conv_kx1.conv.weight", "{p}conv_kx1.conv.bias", bn_names("{p}conv_kx1.bn")
-            ),
-        ),
-        fused_weight="{p}fused_conv.weight",
-        fused_bias="{p}fused_conv.bias",
-        label="{p}",
-    ),
-    Dialect(
-        name="paddle",
-        description="PaddleClas ResNet_ACNet: <n>_acsquare/_achor/_acver_weights, BN "
-        "bn<n[3:]>_acsquare_{scale,offset,mean,variance} (bn_conv1_... for conv1); "
-        "fused: <n>_acsquare_weights + <n>_acsquare_bias",
-        anchor=r"(?P<n>.+)_acsquare_weights",
-        # PaddleClas' ResNet_ACNet: bn_name = "bn_" + name if name == "conv1" else "bn" + name[3:]
-        derived=(("b", "n", ((r"conv1", r"bn_conv1"), (r"...(.+)", r"bn\1"))),),
-        square=BranchNames("{n}_acsquare_weights", None, bn_names("{b}_acsquare", style="paddle")),
-        branches=(
-            BranchNames("{n}_achor_weights", None, bn_names("{b}_achor", style="paddle")),
-            BranchNames("{n}_acver_weights", None, bn_names("{b}_acver", style="paddle")),
-        ),
-        fused_weight="{n}_acsquare_weights",
-        fused_bias="{n}_acsquare_bias",
-        label="{n}",
-    ),
-    Dialect(
-        name="keras",
-        description="Keras 2 .h5 ports: layers <n>_sqr, <n>_hor, <n>_ver and <layer>_bn, "
-        "HWIO kernels, "
-        "BN eps 1e-3; fused: layer <n> with kernel:0 and bias:0",
-        anchor=r"(?P<n>[^/]+)_sqr/(?P=n)_sqr/kernel:0",
-        square=_keras_branch("{n}_sqr"),
-        branches=(_keras_branch("{n}_hor"), _keras_branch("{n}_ver")),
-        fused_weight="{n}/{n}/kernel:0",
-        fused_bias="{n}/{n}/bias:0",
-        label="{n}",
-        kernel_layout="HWIO",
-        default_eps=1e-3,
-    ),
-)
-
-
 def get_dialect(name: str, extra: Sequence[Dialect] = ()) -> Dialect:
     """The built-in (or user-defined) dialect called ``name``.
 
     Raises:
         UsageError: no dialect of that name.
     """
-    for d in (*extra, *BUILTIN_DIALECTS, GENERIC):
+    for d in (*extra, *ALL_DIALECTS, GENERIC):
         if d.name == name:
             return d
-    known = ", ".join(d.name for d in (*extra, *BUILTIN_DIALECTS, GENERIC))
-    raise UsageError(f"unknown dialect '{name}'; known dialects: {known}")
+    others = [d for d in ALL_DIALECTS if d not in BUILTIN_DIALECTS]
+    known = ", ".join(d.name for d in (*extra, *BUILTIN_DIALECTS, GENERIC, *others))
+    raise UsageError(
+        f"unknown dialect '{name}'; known dialects: {known}; families: {', '.join(FAMILIES)}"
+    )
 
 
 @dataclass(frozen=True)
@@ -413,6 +119,16 @@ class Detection:
     dialect: Dialect | None
     blocks: tuple[BlockSpec, ...]
     aliases: tuple[Alias, ...] = ()
+    dialects: tuple[Dialect, ...] = ()
+
+    def dialect_of(self, block: BlockSpec) -> Dialect:
+        """The dialect that found ``block``."""
+        for d in self.dialects:
+            if d.name == block.dialect:
+                return d
+        if self.dialect is None:
+            raise ValueError(f"no dialect for block '{block.label}'")
+        return self.dialect
 
     def alias_of(self, block: BlockSpec) -> Alias | None:
         """The alias record of ``block``, if it is one."""
@@ -420,8 +136,11 @@ class Detection:
 
 
 def _resolve_bn(
-    names: BNNames, fields: Mapping[str, str], keys: Mapping[str, object]
+    names: BNNames | None, fields: Mapping[str, str], keys: Mapping[str, object]
 ) -> BNSpec | None:
+    if names is None:
+        return None
+
     def fill(t: str | None) -> str | None:
         if t is None:
             return None
@@ -441,15 +160,45 @@ def _resolve_bn(
     )
 
 
-def _resolve_branch(
+def _resolve_one(
     names: BranchNames, fields: Mapping[str, str], keys: Mapping[str, object]
-) -> BranchSpec:
+) -> BranchSpec | None:
+    """The branch's keys, or None for an optional branch of which no key exists."""
+    pre = _resolve_one(names.pre, fields, keys) if names.pre else None
+    if names.kind == "seq" and pre is not None and pre.weight not in keys:
+        pre = None  # DBB's two spellings of its first conv: this one is not here
+    weight = names.weight.format(**fields) if names.weight else None
     bias = names.bias.format(**fields) if names.bias else None
-    return BranchSpec(
-        weight=names.weight.format(**fields),
+    spec = BranchSpec(
+        weight=weight,
         bias=bias if bias in keys else None,
         bn=_resolve_bn(names.bn, fields, keys),
+        kind=names.kind,
+        dilation=names.dilation,
+        pre=pre,
+        implicit_identity=names.implicit_identity,
+        role=names.role.format(**fields) if "{" in names.role else names.role,
     )
+    present = (weight in keys) or spec.bn is not None or pre is not None
+    if names.kind == "seq":
+        present = pre is not None
+    if names.optional and not present:
+        return None
+    return spec
+
+
+def _resolve_branches(
+    names: BranchNames, fields: Mapping[str, str], keys: Mapping[str, object]
+) -> list[BranchSpec]:
+    if names.repeat_from is None:
+        spec = _resolve_one(names, fields, keys)
+        return [spec] if spec is not None else []
+    found: list[BranchSpec] = []
+    index = names.repeat_from
+    while (spec := _resolve_one(names, {**fields, "i": str(index)}, keys)) is not None:
+        found.append(spec)
+        index += 1
+    return found
 
 
 def _label(dialect: Dialect, fields: Mapping[str, str]) -> str:
@@ -458,7 +207,7 @@ def _label(dialect: Dialect, fields: Mapping[str, str]) -> str:
 
 def _blocks_of(dialect: Dialect, keys: Mapping[str, object]) -> list[BlockSpec]:
     if dialect.anchor is None:
-        return _generic_blocks(dialect, keys)
+        return generic_blocks(dialect, keys)
     if dialect.square is None or dialect.branches is None:
         raise ValueError(f"dialect '{dialect.name}' has an anchor but no branch templates")
     found: list[BlockSpec] = []
@@ -466,159 +215,70 @@ def _blocks_of(dialect: Dialect, keys: Mapping[str, object]) -> list[BlockSpec]:
         fields = dialect.fields_for(key)
         if fields is None:
             continue
-        last_bn = _resolve_bn(dialect.last_bn, fields, keys) if dialect.last_bn else None
+        if dialect.requires_any and not any(
+            t.format(**fields) in keys for t in dialect.requires_any
+        ):
+            continue
+        square = _resolve_one(dialect.square, fields, keys)
+        if square is None:  # an optional primary branch: never in the built-in tables
+            continue
         found.append(
             BlockSpec(
                 label=_label(dialect, fields),
                 dialect=dialect.name,
-                square=_resolve_branch(dialect.square, fields, keys),
-                branches=(
-                    _resolve_branch(dialect.branches[0], fields, keys),
-                    _resolve_branch(dialect.branches[1], fields, keys),
+                square=square,
+                branches=tuple(
+                    b
+                    for names in (*dialect.branches, *dialect.extra_branches)
+                    for b in _resolve_branches(names, fields, keys)
                 ),
-                last_bn=last_bn,
+                last_bn=_resolve_bn(dialect.last_bn, fields, keys),
                 fused_weight=dialect.fused_weight.format(**fields),
                 fused_bias=dialect.fused_bias.format(**fields),
                 fields=fields,
+                family=dialect.family,
             )
         )
     return found
 
 
-@dataclass(frozen=True)
-class _Conv:
-    key: str
-    parent: str
-    shape: tuple[int, int, int, int]
-    bias: str | None
-    bn: BNSpec | None
-
-
-def _generic_bn_stems(module: str) -> tuple[str, list[str]]:
-    """The branch a conv module belongs to, and where its BN may be (in the order tried)."""
-    head, _, last = module.rpartition(".")
-    if head and last == "conv":  # ConvModule style: <branch>.conv + <branch>.bn
-        return head, [f"{head}.bn", f"{head}.norm"]
-    if head and last.isdigit():  # nn.Sequential(conv, bn): <branch>.0 + <branch>.1
-        return head, [f"{head}.{int(last) + 1}"]
-    parent = f"{head}." if head else ""
-    stems = []
-    if "conv" in last:  # square_conv -> square_bn, conv_sq -> bn_sq
-        i = last.rindex("conv")
-        stems.append(f"{parent}{last[:i]}bn{last[i + 4 :]}")
-    stems += [f"{module}_bn", f"{parent}bn_{last}"]
-    return module, stems
-
-
-def _generic_bn(stems: Sequence[str], channels: int, keys: Mapping[str, object]) -> BNSpec | None:
-    for stem in stems:
-        names = bn_names(stem)
-        mean, var = keys.get(names.mean), keys.get(names.var)
-        if mean is None or var is None or getattr(mean, "shape", None) != (channels,):
-            continue
-        weight = names.weight if names.weight in keys else None
-        bias = names.bias if names.bias in keys else None
-        return BNSpec(
-            mean=names.mean,
-            var=names.var,
-            weight=weight or (names.weight if bias else None),
-            bias=bias or (names.bias if weight else None),
-            count=names.count if names.count in keys else None,
-        )
-    return None
-
-
-def _generic_blocks(dialect: Dialect, keys: Mapping[str, object]) -> list[BlockSpec]:
-    """Blocks found by kernel shape alone (the ``generic`` dialect).
-
-    The rule:
-
-    * a conv is a 4-D tensor (OIHW) stored as ``<module>.weight``; its bias,
-      if any, is ``<module>.bias``.
-    * its branch is ``<module>``, or ``<b>`` when ``<module>`` is ``<b>.conv``
-      (ConvModule style) or ``<b>.<i>`` (``nn.Sequential(conv, bn)``); the
-      branch's parent is the branch path without its last part.
-    * its BN (torch names, ``running_mean`` and ``running_var`` required) is
-      the first that exists of: ``<b>.bn``, ``<b>.norm`` (ConvModule style);
-      ``<b>.<i+1>`` (Sequential style); otherwise, for a conv module
-      ``<parent>.<name>``: ``<parent>.<name with its last 'conv' made 'bn'>``,
-      ``<parent>.<name>_bn``, ``<parent>.bn_<name>``.
-    * under one parent, the convs with the same [O, I] form a block when
-      they are exactly one odd kxk (k >= 3), one 1xk' and one k'x1 (k' odd,
-      1 < k' <= k). Any other mix (two squares, a lone 1xk) is no block.
-
-    The fused conv is written as ``<parent>.fused_conv.{weight,bias}``.
-    Keys without shapes (a plain list of names) find nothing.
-    """
-    convs: dict[tuple[str, int, int], list[_Conv]] = {}
-    for key, info in keys.items():
-        shape = getattr(info, "shape", None)
-        if not key.endswith(".weight") or shape is None or len(shape) != 4:
-            continue
-        module = key[: -len(".weight")]
-        branch, stems = _generic_bn_stems(module)
-        parent = branch.rpartition(".")[0]
-        bias = f"{module}.bias"
-        conv = _Conv(
-            key=key,
-            parent=parent,
-            shape=(int(shape[0]), int(shape[1]), int(shape[2]), int(shape[3])),
-            bias=bias if bias in keys else None,
-            bn=_generic_bn(stems, int(shape[0]), keys),
-        )
-        convs.setdefault((parent, conv.shape[0], conv.shape[1]), []).append(conv)
-    found: list[tuple[int, BlockSpec]] = []
-    order = {key: i for i, key in enumerate(keys)}
-    for (parent, _, _), group in convs.items():
-        squares = [c for c in group if c.shape[2] == c.shape[3] >= 3 and c.shape[2] % 2 == 1]
-        rows = [c for c in group if c.shape[2] == 1 and c.shape[3] > 1]
-        cols = [c for c in group if c.shape[3] == 1 and c.shape[2] > 1]
-        if not (len(squares) == len(rows) == len(cols) == 1):
-            continue
-        square, row, col = squares[0], rows[0], cols[0]
-        k = square.shape[2]
-        if any(n % 2 == 0 or n > k for n in (row.shape[3], col.shape[2])):
-            continue
-        fields = {"p": f"{parent}." if parent else ""}
-        spec = BlockSpec(
-            label=_label(dialect, fields),
-            dialect=dialect.name,
-            square=BranchSpec(square.key, square.bias, square.bn),
-            branches=(BranchSpec(row.key, row.bias, row.bn), BranchSpec(col.key, col.bias, col.bn)),
-            last_bn=None,
-            fused_weight=dialect.fused_weight.format(**fields),
-            fused_bias=dialect.fused_bias.format(**fields),
-            fields=fields,
-        )
-        found.append((order[square.key], spec))
-    return [spec for _, spec in sorted(found, key=lambda item: item[0])]
-
-
 SameTensor = Callable[[str, str], bool]
 
 
-def _parts(spec: BlockSpec, swap: bool) -> list[str | None]:
+def _branch_parts(b: BranchSpec) -> list[str | None]:
+    def bn(x: BNSpec | None) -> list[str | None]:
+        return [None] * 5 if x is None else [x.var, x.mean, x.weight, x.bias, x.count]
+
+    pre = _branch_parts(b.pre) if b.pre else [None] * 7
+    return [*bn(b.bn), b.bias, b.weight, *pre]
+
+
+def _parts(spec: BlockSpec, order: Sequence[int]) -> list[str | None]:
     """A block's keys, part by part; the small BN vectors first, so non-aliases differ cheaply."""
-
-    def bn(b: BNSpec | None) -> list[str | None]:
-        return [None] * 5 if b is None else [b.var, b.mean, b.weight, b.bias, b.count]
-
-    first, second = spec.branches[::-1] if swap else spec.branches
-    branches = (spec.square, first, second)
-    return [
-        *(k for b in branches for k in bn(b.bn)),
-        *bn(spec.last_bn),
-        *(k for b in branches for k in (b.bias, b.weight)),
-    ]
+    branches = (spec.square, *(spec.branches[i] for i in order))
+    small = [k for b in branches for k in _branch_parts(b)[:5]]
+    last = (
+        [None] * 5
+        if spec.last_bn is None
+        else list(_branch_parts(BranchSpec(None, None, spec.last_bn))[:5])
+    )
+    large = [k for b in branches for k in _branch_parts(b)[5:]]
+    return [*small, *last, *large]
 
 
 def _is_alias(block: BlockSpec, primary: BlockSpec, same: SameTensor) -> bool:
     """Do the two blocks hold bit-identical tensors in every part, under disjoint keys?"""
     if set(block.keys()) & set(primary.keys()):
         return False
-    want = _parts(primary, swap=False)
-    for swap in (False, True):
-        got = _parts(block, swap)
+    if len(block.branches) != len(primary.branches):
+        return False
+    want = _parts(primary, range(len(primary.branches)))
+    # ACNet's two 1-D branches may be named in either order (roles are settled by shape)
+    orders = [list(range(len(block.branches)))]
+    if len(block.branches) == 2:
+        orders.append([1, 0])
+    for order in orders:
+        got = _parts(block, order)
         if [g is None for g in got] != [w is None for w in want]:
             continue
         if all(g is None or w is None or same(g, w) for g, w in zip(got, want, strict=True)):
@@ -647,7 +307,49 @@ def _with_aliases(
             if primary is None:
                 return None
             aliases.append(Alias(block, primary, copy=False))
-    return Detection(dialect, tuple(blocks), tuple(aliases))
+    return Detection(dialect, tuple(blocks), tuple(aliases), (dialect,))
+
+
+def _one_family(
+    found: Sequence[tuple[Dialect, list[BlockSpec]]], same: SameTensor | None
+) -> Detection:
+    """The one dialect of a family that explains the keys (the others only find aliases)."""
+    for index, (d, blocks) in enumerate(found):
+        detection = _with_aliases(d, blocks, [*found[:index], *found[index + 1 :]], same)
+        if detection is not None:
+            return detection
+    listing = "; ".join(
+        f"'{d.name}' ({len(b)} block{'s' if len(b) > 1 else ''}, e.g. '{b[0].label}')"
+        for d, b in found
+    )
+    raise UnfusableBlockError(
+        f"the keys fit more than one naming dialect: {listing}; choose one with --dialect"
+    )
+
+
+def _merge(detections: Sequence[Detection], order: Mapping[str, int]) -> Detection:
+    """Blocks of several families in one checkpoint, in file order."""
+    if len(detections) == 1:
+        return detections[0]
+    blocks = sorted(
+        (b for d in detections for b in d.blocks),
+        key=lambda b: order.get(b.square.first_key, len(order)),
+    )
+    return Detection(
+        detections[0].dialect,
+        tuple(blocks),
+        tuple(a for d in detections for a in d.aliases),
+        tuple(x for d in detections for x in d.dialects),
+    )
+
+
+def _forced(name: str, extra: Sequence[Dialect]) -> list[Dialect]:
+    """The dialects ``--family``/``--dialect NAME`` allows: one dialect, or a whole family."""
+    known = (*extra, *ALL_DIALECTS, GENERIC)
+    by_family = [d for d in known if d.family == name and d.anchor is not None]
+    if any(d.name == name for d in known) or not by_family:
+        return [get_dialect(name, extra)]
+    return by_family
 
 
 def find_blocks(
@@ -662,43 +364,35 @@ def find_blocks(
         keys: the checkpoint's keys; a mapping's values, when they have a
             ``shape`` (:class:`~acnet_convert.checkpoint.TensorInfo`), let
             the generic dialect work.
-        dialect: force this dialect instead of trying all.
+        dialect: force this dialect (or every dialect of this family) instead of trying all.
         extra: user-defined dialects, tried before the built-in ones.
         same: ``same(key_a, key_b)`` tells whether two keys hold bit-identical
             tensors; without it no aliases are detected.
 
     Returns:
-        The dialect that explains the checkpoint, its blocks in file order
+        The dialects that explain the checkpoint, its blocks in file order
         and their aliases; ``Detection(None, ())`` when no dialect finds a
         block.
 
     Raises:
-        UsageError: ``dialect`` names no known dialect.
-        UnfusableBlockError: more than one dialect finds blocks, and not
-            as aliases of one another.
+        UsageError: ``dialect`` names no known dialect or family.
+        UnfusableBlockError: more than one dialect of one family finds blocks,
+            and not as aliases of one another.
 
     >>> keys = ["a.square_conv.weight", "a.hor_conv.weight", "a.ver_conv.weight"]
     >>> find_blocks(keys).blocks[0].label
     'a'
     """
     key_map: Mapping[str, Any] = keys if isinstance(keys, Mapping) else dict.fromkeys(keys)
-    if dialect:
-        forced = get_dialect(dialect, extra)
-        return _with_aliases(forced, _blocks_of(forced, key_map), (), same) or Detection(forced, ())
-    found = [(d, b) for d in (*extra, *BUILTIN_DIALECTS) if (b := _blocks_of(d, key_map))]
-    if not found:
+    order = {k: i for i, k in enumerate(key_map)}
+    candidates = _forced(dialect, extra) if dialect else [*extra, *ALL_DIALECTS]
+    found = [(d, b) for d in candidates if (b := _blocks_of(d, key_map))]
+    if not found and not dialect:
         generic = _blocks_of(GENERIC, key_map)
-        if not generic:
-            return Detection(None, ())
-        found = [(GENERIC, generic)]
-    for index, (d, blocks) in enumerate(found):
-        detection = _with_aliases(d, blocks, found[:index] + found[index + 1 :], same)
-        if detection is not None:
-            return detection
-    listing = "; ".join(
-        f"'{d.name}' ({len(b)} block{'s' if len(b) > 1 else ''}, e.g. '{b[0].label}')"
-        for d, b in found
-    )
-    raise UnfusableBlockError(
-        f"the keys fit more than one naming dialect: {listing}; choose one with --dialect"
-    )
+        found = [(GENERIC, generic)] if generic else []
+    if not found:
+        return Detection(candidates[0] if dialect else None, ())
+    families: dict[str, list[tuple[Dialect, list[BlockSpec]]]] = {}
+    for d, b in found:  # alternative namings compete; block types of their own do not
+        families.setdefault(d.family if d.exclusive else f"{d.family}/{d.name}", []).append((d, b))
+    return _merge([_one_family(group, same) for group in families.values()], order)

@@ -14,6 +14,7 @@ __all__ = [
     "EXIT_USAGE",
     "ACNetConvertError",
     "BadCheckpointError",
+    "NoBlockFound",
     "UnfusableBlockError",
     "UnsafeCheckpointError",
     "UsageError",
@@ -48,6 +49,10 @@ class UnsafeCheckpointError(BadCheckpointError):
 
 class UnfusableBlockError(ACNetConvertError):
     """No block found, or a block with a missing, inconsistent or non-finite part."""
+
+
+class NoBlockFound(UnfusableBlockError):
+    """No block of any family in a checkpoint: it is fused already, plain, or named unknownly."""
 
 
 class VerificationError(ACNetConvertError):

@@ -26,8 +26,10 @@ __all__ = [
     "Branch",
     "Comparison",
     "centre_add",
+    "centre_crop",
     "compare_outputs",
     "conv_outputs",
+    "conv_valid",
     "fold_bn",
     "fuse_block",
     "reference_outputs",
@@ -65,20 +67,46 @@ class BNStats:
 
 @dataclass(frozen=True)
 class Branch:
-    """One conv of a block ([O, I/g, kh, kw]), its optional bias and its BN."""
+    """One branch of a block in float64: its (last) conv [O, I/g, kh, kw], bias and BN.
 
-    weight: np.ndarray
+    ``kind`` says how the branch computes (:mod:`acnet_convert.kinds`):
+    ``conv`` (``dilation`` as stored), ``identity`` (``weight`` None, a BN
+    alone), ``avg`` (``pre``: optional 1x1 conv and padding BN; ``bn``: the
+    BN after the pool), ``seq`` (``pre``: the 1x1 conv, plus an identity when
+    ``implicit_identity``, and padding BN; ``weight``: the kxk conv).
+    """
+
+    weight: np.ndarray | None
     bias: np.ndarray | None
     bn: BNStats | None
+    kind: str = "conv"
+    dilation: int = 1
+    pre: Branch | None = None
+    implicit_identity: bool = False
 
 
 @dataclass(frozen=True)
 class BlockTensors:
-    """A training-time block in float64: the square branch first, then the 1-D ones."""
+    """A training-time block in float64: the primary conv first, then the other branches.
+
+    The primary (``square``) is a conv whose kernel has the fused kernel's
+    shape. ``first_channel`` is the block's output channel of row 0 (a block
+    is fused a slab of output channels at a time; identity kernels depend on
+    the absolute channel).
+    """
 
     square: Branch
     others: tuple[Branch, ...]
     last_bn: BNStats | None = None
+    first_channel: int = 0
+
+    @property
+    def target(self) -> tuple[int, int, int, int]:
+        """The fused kernel's shape [O (of this slab), I/g, kh, kw]."""
+        if self.square.weight is None:
+            raise ValueError("the primary branch of a block is a conv")
+        o, i, kh, kw = self.square.weight.shape
+        return (int(o), int(i), int(kh), int(kw))
 
 
 def fold_bn(
@@ -112,10 +140,18 @@ def centre_add(square: np.ndarray, kernel: np.ndarray) -> None:
 
 
 def fuse_block(block: BlockTensors) -> tuple[np.ndarray, np.ndarray]:
-    """Collapse a training-time block into one conv kernel and bias (float64)."""
+    """Collapse a training-time block into one conv kernel and bias (float64).
+
+    Every branch's equivalent kernel (:func:`acnet_convert.kinds.equivalent`)
+    is added into the centre of the primary's folded kernel; biases sum.
+    """
+    from acnet_convert.kinds import equivalent
+
+    if block.square.weight is None:
+        raise ValueError("the primary branch of a block is a conv")
     kernel, bias = fold_bn(block.square.weight, block.square.bias, block.square.bn)
     for branch in block.others:
-        w, b = fold_bn(branch.weight, branch.bias, branch.bn)
+        w, b = equivalent(branch, block.target, block.first_channel)
         centre_add(kernel, w)
         bias = bias + b
     if block.last_bn is not None:
@@ -123,14 +159,14 @@ def fuse_block(block: BlockTensors) -> tuple[np.ndarray, np.ndarray]:
     return kernel, bias
 
 
-def _conv_valid(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+def conv_valid(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Ungrouped 'valid' cross-correlation of x [N, C, H, W] with w [O, C, kh, kw]."""
     windows = sliding_window_view(x, w.shape[2:], axis=(2, 3))  # N, C, H', W', kh, kw
     out = np.tensordot(windows, w, axes=([1, 4, 5], [1, 2, 3]))  # N, H', W', O
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
-def _centre_crop(x: np.ndarray, size: tuple[int, int], kernel: tuple[int, int]) -> np.ndarray:
+def centre_crop(x: np.ndarray, size: tuple[int, int], kernel: tuple[int, int]) -> np.ndarray:
     """The part of x that a centre-aligned ``kernel`` sees when the square is ``size``."""
     top = (size[0] - kernel[0]) // 2
     left = (size[1] - kernel[1]) // 2
@@ -147,13 +183,11 @@ def reference_outputs(block: BlockTensors, x: np.ndarray) -> np.ndarray:
     ``I/g`` input channels: the per-output-channel identity being checked does
     not depend on the group count.
     """
-    square = block.square.weight.shape[2:]
+    from acnet_convert.kinds import reference
+
     total = np.zeros(1)
     for branch in (block.square, *block.others):
-        y = _conv_valid(_centre_crop(x, square, branch.weight.shape[2:]), branch.weight)
-        if branch.bias is not None:
-            y = y + branch.bias[:, None, None]
-        total = total + (branch.bn.apply(y) if branch.bn is not None else y)
+        total = total + reference(branch, x, block.target, block.first_channel)
     if block.last_bn is not None:
         total = block.last_bn.apply(total)
     return total
@@ -161,13 +195,13 @@ def reference_outputs(block: BlockTensors, x: np.ndarray) -> np.ndarray:
 
 def conv_outputs(weight: np.ndarray, bias: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The fused conv on x, in the dtype of its arguments."""
-    out: np.ndarray = _conv_valid(x, weight) + bias[:, None, None]
+    out: np.ndarray = conv_valid(x, weight) + bias[:, None, None]
     return out
 
 
 def rounding_bound(weight: np.ndarray, bias: np.ndarray, x: np.ndarray) -> np.ndarray:
     """|x| * |W| + |b|: scales the rounding error any conv with these values may show."""
-    out: np.ndarray = _conv_valid(np.abs(x), np.abs(weight)) + np.abs(bias)[:, None, None]
+    out: np.ndarray = conv_valid(np.abs(x), np.abs(weight)) + np.abs(bias)[:, None, None]
     return out
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from acnet_convert.blocks import BranchGeometry
 from acnet_convert.checkpoint import TensorInfo, open_checkpoint
-from acnet_convert.errors import ACNetConvertError, UnfusableBlockError, UsageError
+from acnet_convert.errors import ACNetConvertError, NoBlockFound, UnfusableBlockError, UsageError
 from acnet_convert.plan import FuseOptions, FusionPlan, plan_fusion
 
 __all__ = ["Inspection", "inspect_checkpoint", "render_inspection"]
@@ -32,10 +33,12 @@ class Inspection:
     metadata: dict[str, str]
     plan: FusionPlan | None
     problem: ACNetConvertError | None
+    notes: tuple[str, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         plan = self.plan
         return {
+            "schema": 1,
             "path": self.path,
             "format": self.format,
             "container": self.container,
@@ -53,13 +56,16 @@ class Inspection:
                 "params_after_fusing": plan.params_after if plan else None,
                 "bytes_after_fusing": plan.bytes_after if plan else None,
             },
-            "dialect": plan.dialect.name if plan else None,
+            "dialect": plan.dialect_names if plan else None,
             "blocks": [
                 {
                     "block": b.spec.label,
-                    "kernel": [b.geometry.kernel, b.geometry.kernel],
-                    "hor": list(b.geometry.hor),
-                    "ver": list(b.geometry.ver),
+                    "family": b.spec.family,
+                    "kernel": [b.geometry.kh, b.geometry.kw],
+                    "hor": list(b.geometry.hor) if b.geometry.hor else None,
+                    "ver": list(b.geometry.ver) if b.geometry.ver else None,
+                    "groups": b.geometry.groups,
+                    "branches": [x.as_json() for x in b.geometry.branches],
                     "out_channels": b.geometry.out_channels,
                     "in_per_group": b.geometry.in_per_group,
                     "dtype": b.geometry.dtype,
@@ -70,7 +76,9 @@ class Inspection:
                 }
                 for b in (plan.blocks if plan else ())
             ],
+            "suspicious": [x.as_json() for x in plan.suspects] if plan else [],
             "problem": str(self.problem) if self.problem else None,
+            "notes": list(self.notes),
         }
 
 
@@ -92,10 +100,11 @@ def inspect_checkpoint(
         plan: FusionPlan | None = None
         problem: ACNetConvertError | None = None
         try:
-            plan = plan_fusion(reader, options)
+            plan = plan_fusion(reader, replace(options, allow_unfused=True))
+        except NoBlockFound:
+            pass
         except UnfusableBlockError as err:
-            if "no ACNet block found" not in str(err):
-                problem = err
+            problem = err
         return Inspection(
             path=str(path),
             format=reader.format,
@@ -107,7 +116,15 @@ def inspect_checkpoint(
             metadata=dict(reader.metadata),
             plan=plan,
             problem=problem,
+            notes=_notes(path),
         )
+
+
+def _notes(path: Path) -> tuple[str, ...]:
+    from acnet_convert.checkpoint.sniff import extension_note, sniff_format
+
+    note = extension_note(path, sniff_format(path))
+    return (note,) if note else ()
 
 
 def _shown(text: str) -> str:
@@ -121,6 +138,11 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
+def _branch_text(branch: BranchGeometry) -> str:
+    size = f"{branch.kernel[0]}x{branch.kernel[1]}"
+    return size if branch.kind == "conv" else f"{branch.kind} {size}"
+
+
 def render_inspection(result: Inspection, console: Any) -> None:
     """Print an :class:`Inspection` as rich tables."""
     from rich.table import Table
@@ -129,6 +151,8 @@ def render_inspection(result: Inspection, console: Any) -> None:
     if result.prefix:
         head += f", keys prefixed '{_shown(result.prefix)}'"
     console.print(head)
+    for note in result.notes:
+        console.print(f"note: {_shown(note)}")
     if result.dropped:
         console.print(f"other entries (dropped on fuse): {_shown(', '.join(result.dropped))}")
     table = Table(title=f"{len(result.listed)} of {len(result.tensors)} tensors")
@@ -148,23 +172,27 @@ def render_inspection(result: Inspection, console: Any) -> None:
         console.print(f"total: {params:,} parameters, {nbytes:,} bytes")
         return
     blocks = Table(
-        title=f"{len(plan.blocks)} blocks ({plan.dialect.name} dialect, eps {plan.eps:g})"
+        title=f"{len(plan.blocks)} blocks ({plan.dialect_names} dialect, eps {plan.eps:g})"
     )
-    for col in ("block", "kernel", "1xk", "kx1", "channels", "last_bn", "affine", "becomes"):
+    for col in ("block", "kernel", "branches", "channels", "last_bn", "affine", "becomes"):
         blocks.add_column(col, overflow="fold")
     for b in plan.blocks:
         g = b.geometry
         blocks.add_row(
             _shown(b.spec.label),
-            f"{g.kernel}x{g.kernel}",
-            f"{g.hor[0]}x{g.hor[1]}",
-            f"{g.ver[0]}x{g.ver[1]}",
+            f"{g.kh}x{g.kw}",
+            _shown(", ".join(_branch_text(x) for x in g.branches[1:])),
             f"{g.in_per_group}->{g.out_channels}",
             "yes" if g.has_last_bn else "no",
             "yes" if g.affine else "no",
             _shown(", ".join(k for k, _ in b.outputs)),
         )
     console.print(blocks)
+    for suspect in plan.suspects:
+        console.print(
+            f"[yellow]suspicious:[/] {_shown(suspect.name)} ({len(suspect.keys)} tensors): "
+            f"looks like {_shown(suspect.what)}; fuse refuses it unless --allow-unfused"
+        )
     console.print(
         f"total: {params:,} parameters, {nbytes:,} bytes now; "
         f"{plan.params_after:,} parameters, {plan.bytes_after:,} bytes after fusing"

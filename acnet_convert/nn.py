@@ -351,15 +351,16 @@ def block_tensors_from_module(
     last_stats = _bn_stats(last, f"{where}: 'last_bn'", eps) if last is not None else None
 
     square, *others = branches
-    out_ch, in_ch, k, kw = square.weight.shape
+    shapes = [b.weight.shape for b in branches if b.weight is not None]
+    out_ch, in_ch, k, kw = shapes[0]
     if k != kw:
         raise UnfusableBlockError(f"{where}: 'square_conv' kernel {k}x{kw} is not square")
-    for conv_name, branch in zip(_BRANCH_CONVS[1:], others, strict=True):
-        o, i, h, w = branch.weight.shape
+    for conv_name, shape in zip(_BRANCH_CONVS[1:], shapes[1:], strict=True):
+        o, i, h, w = shape
         if (o, i) != (out_ch, in_ch) or h > k or w > k or (k - h) % 2 or (k - w) % 2:
             raise UnfusableBlockError(
-                f"{where}: '{conv_name}' weight {tuple(branch.weight.shape)} does not fit "
-                f"centred in 'square_conv' weight {tuple(square.weight.shape)}"
+                f"{where}: '{conv_name}' weight {tuple(shape)} does not fit "
+                f"centred in 'square_conv' weight {tuple(shapes[0])}"
             )
         if geometry[conv_name] != geometry["square_conv"]:
             raise UnfusableBlockError(

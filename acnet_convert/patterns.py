@@ -26,7 +26,8 @@ worked example::
 Fields of a ``[[dialect]]``: ``name``, ``anchor``, ``fused_weight``,
 ``fused_bias``, ``square``, ``branches`` (required); ``description``,
 ``label`` (default: the anchor's groups, ``"{p}"``), ``last_bn``,
-``derived``, ``kernel_layout`` (``"OIHW"`` or ``"HWIO"``), ``default_eps``
+``derived``, ``kernel_order`` (``"OIHW"`` or ``"HWIO"``; ``kernel_layout`` is its old
+name, still read), ``default_eps``
 (default 1e-5) and ``bn_style`` (``"torch"``, ``"paddle"`` or ``"keras"``:
 how a BN given as a stem string expands; default ``"torch"``).
 A branch (``square`` and each of ``branches``) has ``weight``, optional
@@ -48,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from acnet_convert.dialects import (
-    BUILTIN_DIALECTS,
+    ALL_DIALECTS,
     GENERIC,
     BNNames,
     BranchNames,
@@ -57,6 +58,7 @@ from acnet_convert.dialects import (
     template_fields,
 )
 from acnet_convert.errors import UsageError
+from acnet_convert.families.acnet import validate_acnet
 
 __all__ = ["load_patterns", "parse_patterns"]
 
@@ -72,11 +74,14 @@ _DIALECT_FIELDS = {
     "last_bn",
     "derived",
     "kernel_layout",
+    "kernel_order",
     "default_eps",
     "bn_style",
+    "family",
 }
 _REQUIRED = ("name", "anchor", "fused_weight", "fused_bias", "square", "branches")
-_BRANCH_FIELDS = {"weight", "bias", "bn"}
+_BRANCH_FIELDS = {"weight", "bias", "bn", "kind", "dilation", "optional"}
+_TOML_KINDS = ("conv", "identity")
 _BN_FIELDS = {"weight", "bias", "mean", "var", "count"}
 _DERIVED_FIELDS = {"name", "source", "rules"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
@@ -128,7 +133,7 @@ def parse_patterns(text: str, source: str = "<patterns>") -> list[Dialect]:
         tables = [tables]
     if not isinstance(tables, list) or not tables:
         raise UsageError(f"{source}: no [[dialect]] table found; see examples/patterns.toml")
-    taken = {d.name for d in (*BUILTIN_DIALECTS, GENERIC)}
+    taken = {d.name for d in (*ALL_DIALECTS, GENERIC)}
     dialects: list[Dialect] = []
     for index, table in enumerate(tables):
         dialect = _Parser(source, index).dialect(table)
@@ -217,9 +222,10 @@ class _Parser:
         style = table.get("bn_style", "torch")
         if style not in ("torch", "paddle", "keras"):
             raise self.fail(f'\'bn_style\' must be "torch", "paddle" or "keras", got {style!r}')
-        layout = table.get("kernel_layout", "OIHW")
+        order_field = "kernel_order" if "kernel_order" in table else "kernel_layout"
+        layout = table.get(order_field, "OIHW")
         if layout not in ("OIHW", "HWIO"):
-            raise self.fail(f'\'kernel_layout\' must be "OIHW" or "HWIO", got {layout!r}')
+            raise self.fail(f'\'{order_field}\' must be "OIHW" or "HWIO", got {layout!r}')
         eps = table.get("default_eps", 1e-5)
         if (
             isinstance(eps, bool)
@@ -228,12 +234,21 @@ class _Parser:
         ):
             raise self.fail(f"'default_eps' must be a positive number, got {eps!r}")
         branches = table["branches"]
-        if not isinstance(branches, list) or len(branches) != 2:
+        declared = "family" in table or (
+            isinstance(branches, list)
+            and any(isinstance(b, dict) and "kind" in b for b in branches)
+        )
+        if not isinstance(branches, list) or not branches or (not declared and len(branches) != 2):
             count = len(branches) if isinstance(branches, list) else _kind(branches)
             raise self.fail(
                 f"'branches' must be an array of exactly two tables (the 1xk and kx1 branches, "
-                f"[[dialect.branches]] twice), got {count}"
+                f"[[dialect.branches]] twice), got {count}; a family of its own (a 'family' "
+                "field, or branches with a 'kind') may have any number"
             )
+        parsed = tuple(self.branch(b, f"branches[{i}]", style) for i, b in enumerate(branches))
+        # two plain conv branches: an ACNet port (ACNet's rule, ACNet's family); else its own family
+        acnet_like = len(parsed) == 2 and all(b.kind == "conv" and b.dilation == 1 for b in parsed)
+        family = table.get("family", "acnet" if acnet_like else table["name"])
         dialect = Dialect(
             name=self.string(table["name"], "name"),
             description=self.string(
@@ -244,13 +259,13 @@ class _Parser:
             fused_bias=self.string(table["fused_bias"], "fused_bias"),
             label=self.string(table.get("label", "".join(f"{{{g}}}" for g in groups)), "label"),
             square=self.branch(table["square"], "square", style),
-            branches=(
-                self.branch(branches[0], "branches[0]", style),
-                self.branch(branches[1], "branches[1]", style),
-            ),
+            branches=parsed,
+            family=self.string(family, "family"),
+            exclusive=acnet_like,
+            validate=validate_acnet if acnet_like else None,
             last_bn=self.bn(table["last_bn"], "last_bn", style) if "last_bn" in table else None,
             derived=derived,
-            kernel_layout=layout,
+            kernel_order=layout,
             default_eps=float(eps),
         )
         for place, template in dialect.templates().items():
@@ -277,12 +292,26 @@ class _Parser:
                 )
 
     def branch(self, raw: Any, place: str, style: str) -> BranchNames:
-        table = self.table(raw, place, _BRANCH_FIELDS, ("weight", "bn"))
+        kind = raw.get("kind", "conv") if isinstance(raw, dict) else "conv"
+        if kind not in _TOML_KINDS:
+            raise self.fail(f"'{place}.kind' must be one of {', '.join(_TOML_KINDS)}, got {kind!r}")
+        required = ("bn",) if kind == "identity" else ("weight", "bn")
+        table = self.table(raw, place, _BRANCH_FIELDS, required)
         bias = table.get("bias")
+        dilation = table.get("dilation", 1)
+        if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+            raise self.fail(f"'{place}.dilation' must be a positive integer, got {dilation!r}")
+        optional = table.get("optional", kind == "identity")
+        if not isinstance(optional, bool):
+            raise self.fail(f"'{place}.optional' must be true or false, got {optional!r}")
+        weight = table.get("weight")
         return BranchNames(
-            weight=self.string(table["weight"], f"{place}.weight"),
+            weight=None if weight is None else self.string(weight, f"{place}.weight"),
             bias=None if bias is None else self.string(bias, f"{place}.bias"),
             bn=self.bn(table["bn"], f"{place}.bn", style),
+            kind=kind,
+            dilation=dilation,
+            optional=optional,
         )
 
     def bn(self, raw: Any, place: str, style: str) -> BNNames:

@@ -11,24 +11,57 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+from acnet_convert.accounting import Suspect, find_suspects, suspects_message
 from acnet_convert.blocks import BlockGeometry, block_geometry
 from acnet_convert.checkpoint import CheckpointReader, TensorInfo
 from acnet_convert.checkpoint.rawio import array_bytes
-from acnet_convert.dialects import BlockSpec, Dialect, find_blocks
-from acnet_convert.errors import UnfusableBlockError, UsageError
+from acnet_convert.dialects import FAMILIES, BlockSpec, Detection, Dialect, find_blocks
+from acnet_convert.errors import NoBlockFound, UnfusableBlockError, UsageError
+from acnet_convert.families.convbn import FOLD_BN, fold_units
 
 __all__ = [
     "LAYOUTS",
     "FuseOptions",
     "FusionPlan",
+    "NamingOptions",
     "PlannedBlock",
     "plan_fusion",
     "plan_notes",
 ]
 
 LAYOUTS = ("deploy", "baseline", "baseline-bias")
+
+
+@dataclass(frozen=True)
+class NamingOptions:
+    """How TRAIN's blocks are found and FUSED's keys named: shared by fuse, inspect,
+    verify and ``fuse_and_load`` (vary it with ``dataclasses.replace``).
+
+    ``dialect`` forces a family or dialect; ``extra_dialects`` come from
+    ``--patterns``; ``renames`` are ``(regex, replacement)`` pairs applied to
+    output names; ``eps`` None means each family's default (or the file's).
+    ``fold_bn`` also folds plain conv+BN units.
+    """
+
+    dialect: str | None = None
+    extra_dialects: tuple[Dialect, ...] = ()
+    renames: tuple[tuple[str, str], ...] = ()
+    eps: float | None = None
+    fold_bn: bool = False
+
+    def fuse_options(self, **other: Any) -> FuseOptions:
+        """:class:`FuseOptions` with these naming options (and ``other`` fields)."""
+        return FuseOptions(
+            dialect=self.dialect,
+            extra_dialects=self.extra_dialects,
+            renames=self.renames,
+            eps=self.eps,
+            fold_bn=self.fold_bn,
+            **other,
+        )
 
 
 @dataclass(frozen=True)
@@ -48,6 +81,15 @@ class FuseOptions:
     renames: tuple[tuple[str, str], ...] = ()
     trust_pickle: bool = False
     seed: int = 0
+    allow_unfused: bool = False
+    fold_bn: bool = False
+
+    @property
+    def naming(self) -> NamingOptions:
+        """The naming part of these options."""
+        return NamingOptions(
+            self.dialect, self.extra_dialects, self.renames, self.eps, self.fold_bn
+        )
 
 
 @dataclass(frozen=True)
@@ -58,6 +100,7 @@ class PlannedBlock:
     geometry: BlockGeometry
     outputs: tuple[tuple[str, str], ...]  # (output key, role)
     alias_of: str | None = None  # label of the block whose fused tensors this one repeats
+    eps: float | None = None  # this block's BN epsilon (its family's default, or --eps)
 
     @property
     def consumed(self) -> tuple[str, ...]:
@@ -80,6 +123,18 @@ class FusionPlan:
     bytes_after: int
     # (alias label, alias dialect, primary label): blocks whose keys are dropped as a second naming
     dropped_aliases: tuple[tuple[str, str, str], ...] = ()
+    # BN running-mean key -> the epsilon the file declares for it (used unless --eps is given)
+    bn_eps: Mapping[str, float] = field(default_factory=dict)
+    # (running-mean key, declared eps) of BNs whose declared eps --eps overrides
+    eps_overridden: tuple[tuple[str, float], ...] = ()
+    dialects: tuple[Dialect, ...] = ()
+    # tensors that look like unfused training-time parts (passed through with --allow-unfused)
+    suspects: tuple[Suspect, ...] = ()
+
+    @property
+    def dialect_names(self) -> str:
+        """The dialects used, joined with '+' for a checkpoint mixing families."""
+        return "+".join(dict.fromkeys(d.name for d in (self.dialects or (self.dialect,))))
 
 
 def _unit_prefix(spec: BlockSpec) -> str:
@@ -118,43 +173,56 @@ def _rename(key: str, renames: Sequence[tuple[str, str]]) -> str:
 
 
 def _output_info(key: str, role: str, geometry: BlockGeometry, layout: str) -> TensorInfo:
-    k, o, i = geometry.kernel, geometry.out_channels, geometry.in_per_group
+    kh, kw, o, i = geometry.kh, geometry.kw, geometry.out_channels, geometry.in_per_group
     if role == "weight":
-        shape = (k, k, i, o) if layout == "HWIO" else (o, i, k, k)
+        shape = (kh, kw, i, o) if layout == "HWIO" else (o, i, kh, kw)
         return TensorInfo(key, geometry.dtype, shape)
     if role == "bn_count":
         return TensorInfo(key, "int64", ())
     return TensorInfo(key, geometry.dtype, (o,))
 
 
-def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
-    """Find and check every block and lay out the output, from the index alone.
+def _default_eps(own: Dialect, detection: Detection) -> float:
+    """A block's BN epsilon: its family's; for --fold-bn's units, the checkpoint's family's
+    (YOLOv7's plain Conv units use its BN eps 1e-3 too)."""
+    if own is FOLD_BN and detection.dialect is not None:
+        return detection.dialect.default_eps
+    return own.default_eps
 
-    Raises:
-        UnfusableBlockError: no block, an ambiguous dialect, or a block with a
-            missing or inconsistent part.
-        UsageError: an unknown layout or dialect, or renames that collide.
-    """
+
+def _detect(
+    reader: CheckpointReader, options: FuseOptions, same: Callable[[str, str], bool]
+) -> tuple[Detection, list[BlockSpec]]:
+    """The detected blocks, plus the conv+BN units ``--fold-bn`` folds, in file order."""
     source = str(reader.path)
     infos = reader.tensors
     try:
-        detection = find_blocks(
-            infos, options.dialect, options.extra_dialects, _same_tensor(reader)
-        )
+        detection = find_blocks(infos, options.dialect, options.extra_dialects, same)
     except UnfusableBlockError as err:
         raise UnfusableBlockError(f"{source}: {err}") from err
-    if detection.dialect is None or not detection.blocks:
-        raise UnfusableBlockError(
+    blocks = (*detection.blocks, *(a.block for a in detection.aliases))
+    taken = {k for b in blocks for k in b.keys()}  # noqa: SIM118 - BlockSpec.keys()
+    units = fold_units(infos, taken) if options.fold_bn else []
+    if (detection.dialect is None or not detection.blocks) and not units:
+        raise NoBlockFound(
             f"{source}: no ACNet block found among {len(infos)} tensors (no key like "
-            "'<prefix>.square_conv.weight'); it may be fused already. "
+            "'<prefix>.square_conv.weight'), nor a block of another family "
+            f"({', '.join(FAMILIES[1:])}); it may be fused already, or plain. "
             "Try 'acnet-convert inspect' to see its keys"
         )
-    dialect = detection.dialect
-    eps = options.eps if options.eps is not None else dialect.default_eps
-    if not eps >= 0:
-        raise UsageError(f"--eps must be a non-negative number, got {eps}")
-    if options.layout not in LAYOUTS:
-        raise UsageError(f"unknown layout '{options.layout}'; choose one of {', '.join(LAYOUTS)}")
+    order = {k: i for i, k in enumerate(infos)}
+    specs = sorted([*detection.blocks, *units], key=lambda b: order.get(b.square.first_key, 0))
+    return detection, specs
+
+
+def _plan_blocks(
+    specs: Sequence[BlockSpec],
+    detection: Detection,
+    options: FuseOptions,
+    infos: Mapping[str, TensorInfo],
+    source: str,
+) -> tuple[list[PlannedBlock], dict[str, int], list[tuple[str, str, str]]]:
+    """Each block checked and given its outputs; which block owns which key; dropped aliases."""
     planned: list[PlannedBlock] = []
     owner: dict[str, int] = {}
     dropped = [
@@ -163,8 +231,9 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
     for dropped_alias in detection.aliases:
         if not dropped_alias.copy:
             owner.update(dict.fromkeys(dropped_alias.block.keys(), _DROPPED))
-    for spec in detection.blocks:
-        geometry = block_geometry(spec, infos, source, dialect.kernel_layout)
+    for spec in specs:
+        own = FOLD_BN if spec.family == FOLD_BN.family else detection.dialect_of(spec)
+        geometry = block_geometry(spec, infos, source, own.kernel_order, own.validate)
         for key in spec.keys():  # noqa: SIM118 - BlockSpec.keys(), not a dict
             if key in owner:
                 raise UnfusableBlockError(
@@ -177,11 +246,22 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
             PlannedBlock(
                 spec,
                 geometry,
-                _layout_outputs(options.layout, spec),
+                _layout_outputs("deploy" if own is FOLD_BN else options.layout, spec),
                 alias_of=alias.primary.label if alias else None,
+                eps=options.eps if options.eps is not None else _default_eps(own, detection),
             )
         )
+    return planned, owner, dropped
 
+
+def _lay_out(
+    infos: Mapping[str, TensorInfo],
+    owner: Mapping[str, int],
+    planned: Sequence[PlannedBlock],
+    kernel_order: str,
+) -> tuple[list[TensorInfo], dict[str, str]]:
+    """Every output tensor in file order (a block's where its first key was), and which
+    input each pass-through output copies."""
     outputs: list[TensorInfo] = []
     origins: dict[str, str] = {}
     emitted: set[int] = set()
@@ -196,17 +276,25 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
             emitted.add(index)
             block = planned[index]
             outputs.extend(
-                _output_info(out_key, role, block.geometry, dialect.kernel_layout)
+                _output_info(out_key, role, block.geometry, kernel_order)
                 for out_key, role in block.outputs
             )
-    if options.layout == "baseline":
-        _refuse_taken_bn(planned, origins, source)
-    renamed = [TensorInfo(_rename(t.name, options.renames), t.dtype, t.shape) for t in outputs]
+    return outputs, origins
+
+
+def _renamed(
+    outputs: Sequence[TensorInfo],
+    origins: Mapping[str, str],
+    renames: Sequence[tuple[str, str]],
+    source: str,
+) -> tuple[list[TensorInfo], dict[str, str]]:
+    """The outputs after ``--rename``; refuses two outputs under one name."""
+    renamed = [TensorInfo(_rename(t.name, renames), t.dtype, t.shape) for t in outputs]
     seen: dict[str, str] = {}
     for before, after in zip(outputs, renamed, strict=True):
         if after.name in seen:
-            what = "after --rename " if options.renames else ""
-            raise (UsageError if options.renames else UnfusableBlockError)(
+            what = "after --rename " if renames else ""
+            raise (UsageError if renames else UnfusableBlockError)(
                 f"{source}: output key '{after.name}' {what}would be written twice "
                 f"(from '{seen[after.name]}' and '{before.name}'); does the checkpoint already hold fused weights?"
             )
@@ -216,6 +304,43 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
         for before, after in zip(outputs, renamed, strict=True)
         if before.name in origins
     }
+    return renamed, final_origins
+
+
+def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
+    """Find and check every block and lay out the output, from the index alone.
+
+    Raises:
+        UnfusableBlockError: no block, an ambiguous dialect, or a block with a
+            missing or inconsistent part.
+        UsageError: an unknown layout or dialect, or renames that collide.
+    """
+    source = str(reader.path)
+    infos = reader.tensors
+    same = _same_tensor(reader)
+    detection, specs = _detect(reader, options, same)
+    dialect = detection.dialect or FOLD_BN
+    eps = options.eps if options.eps is not None else dialect.default_eps
+    if not eps >= 0:
+        raise UsageError(f"--eps must be a non-negative number, got {eps}")
+    if options.layout not in LAYOUTS:
+        raise UsageError(f"unknown layout '{options.layout}'; choose one of {', '.join(LAYOUTS)}")
+    planned, owner, dropped = _plan_blocks(specs, detection, options, infos, source)
+    outputs, origins = _lay_out(infos, owner, planned, dialect.kernel_order)
+    if options.layout == "baseline":
+        _refuse_taken_bn(planned, origins, source)
+    bn_eps, overridden = _file_epsilons(reader, options)
+    suspects = find_suspects(
+        [(b.spec, (b.geometry.out_channels, b.geometry.in_per_group)) for b in planned],
+        list(origins),
+        infos,
+        list(owner),
+        same,
+        _constant(reader),
+    )
+    if suspects and not options.allow_unfused:
+        raise UnfusableBlockError(suspects_message(source, suspects))
+    renamed, final_origins = _renamed(outputs, origins, options.renames, source)
     return FusionPlan(
         source=source,
         dialect=dialect,
@@ -226,6 +351,7 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
                 b.geometry,
                 tuple((_rename(k, options.renames), r) for k, r in b.outputs),
                 b.alias_of,
+                b.eps,
             )
             for b in planned
         ),
@@ -236,7 +362,21 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
         bytes_before=sum(t.nbytes for k, t in infos.items()),
         bytes_after=sum(t.nbytes for t in renamed),
         dropped_aliases=tuple(dropped),
+        bn_eps=bn_eps,
+        eps_overridden=overridden,
+        dialects=detection.dialects,
+        suspects=suspects,
     )
+
+
+def _file_epsilons(
+    reader: CheckpointReader, options: FuseOptions
+) -> tuple[dict[str, float], tuple[tuple[str, float], ...]]:
+    """The reader's per-BN epsilons (``bn_epsilons``) to use, and those ``--eps`` overrides."""
+    declared = dict(getattr(reader, "bn_epsilons", None) or {})
+    if options.eps is None:
+        return declared, ()
+    return {}, tuple((k, e) for k, e in declared.items() if e != options.eps)
 
 
 _DROPPED = -1  # owner of the keys of an alias block that is dropped
@@ -260,6 +400,14 @@ def _same_tensor(reader: CheckpointReader) -> Callable[[str, str], bool]:
     return same
 
 
+def _constant(reader: CheckpointReader) -> Callable[[str], bool]:
+    def constant(key: str) -> bool:
+        values = reader.read(key)
+        return bool(values.size == 0 or (values == values.flat[0]).all())
+
+    return constant
+
+
 def plan_notes(plan: FusionPlan) -> tuple[str, ...]:
     """What people should know about a plan: aliases fused once or dropped, shape-only detection."""
     notes = [
@@ -273,7 +421,31 @@ def plan_notes(plan: FusionPlan) -> tuple[str, ...]:
         f"'{plan.dialect.name}' block '{primary}' (another naming of it)"
         for alias, dialect, primary in plan.dropped_aliases
     ]
-    if plan.dialect.anchor is None:
+    used = [k for b in plan.blocks for k in b.consumed if k in plan.bn_eps]
+    if used:
+        values = ", ".join(f"{e:g}" for e in sorted({plan.bn_eps[k] for k in used}))
+        notes.append(
+            f"used the epsilon the file declares for each of {len(used)} BN(s) ({values}) "
+            "instead of the dialect's default; --eps overrides it"
+        )
+    if plan.eps_overridden:
+        key, declared = plan.eps_overridden[0]
+        notes.append(
+            f"--eps {plan.eps:g} overrides the epsilon the file declares for "
+            f"{len(plan.eps_overridden)} BN(s) (e.g. {declared:g} for '{key}')"
+        )
+    folded = [b for b in plan.blocks if b.spec.family == FOLD_BN.family]
+    if folded:
+        notes.append(
+            f"--fold-bn: folded {len(folded)} conv+BN unit{'s' if len(folded) > 1 else ''} into "
+            f"conv weight + bias ({', '.join(repr(b.spec.label) for b in folded[:3])}"
+            f"{', ...' if len(folded) > 3 else ''})"
+        )
+    notes += [
+        f"passed through '{s.name}' unfused (--allow-unfused): it looks like {s.what}"
+        for s in plan.suspects
+    ]
+    if plan.dialect.anchor is None and plan.dialect is not FOLD_BN:
         notes.append(
             "blocks were found by kernel shape alone (generic dialect); "
             "check them with 'acnet-convert inspect' or name them with --patterns"

@@ -55,7 +55,7 @@ import numpy as np
 from acnet_convert import dtypes
 from acnet_convert.blocks import from_layout
 from acnet_convert.checkpoint import CheckpointReader, open_checkpoint
-from acnet_convert.errors import UnfusableBlockError, UsageError
+from acnet_convert.errors import NoBlockFound, UsageError
 from acnet_convert.plan import FuseOptions
 
 if TYPE_CHECKING:
@@ -310,9 +310,7 @@ def checkpoint_has_blocks(reader: CheckpointReader, options: FuseOptions = FuseO
 
     try:
         plan_fusion(reader, options)
-    except UnfusableBlockError as err:
-        if "no ACNet block found" not in str(err):
-            raise
+    except NoBlockFound:
         return False
     return True
 

@@ -1,14 +1,54 @@
-"""Shared test helpers: synthetic ACNet state dicts and a CLI runner that explains failures."""
+"""Shared test helpers: synthetic ACNet state dicts and a CLI runner that explains failures.
+
+Randomness is reproducible and selectable:
+
+- ``ACNET_TEST_SEED`` (default 0) seeds Python's ``random``, numpy's global
+  generator and torch's default generator before every test, so a test that
+  draws without its own generator (a module's default init) still sees fixed
+  values; set it to another integer to run the suite on other draws.
+- ``HYPOTHESIS_PROFILE`` picks a Hypothesis profile: ``ci`` (the default:
+  derandomized, no example database, so every run tries the same examples),
+  ``dev`` (random examples, database in the system temp folder, outside the
+  repository) or ``random`` (random examples, no database).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import random
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
+from hypothesis import settings
+from hypothesis.database import DirectoryBasedExampleDatabase
+
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile(
+    "dev",
+    database=DirectoryBasedExampleDatabase(
+        os.path.join(tempfile.gettempdir(), "acnet-convert-hypothesis")
+    ),
+)
+settings.register_profile("random", derandomize=False, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+TEST_SEED = int(os.environ.get("ACNET_TEST_SEED", "0"))
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> Iterator[None]:
+    """Every test starts from the same global random state (``ACNET_TEST_SEED``)."""
+    import torch
+
+    random.seed(TEST_SEED)
+    np.random.seed(TEST_SEED)  # the legacy global state, for code that draws from it
+    torch.manual_seed(TEST_SEED)
+    yield
 
 
 @dataclass

@@ -157,7 +157,8 @@ def test_prefix_and_metadata(tmp_path: Path) -> None:
 
 
 def test_bfloat16_is_uint16_with_a_marker(tmp_path: Path) -> None:
-    weight = torch.randn(3, 5, dtype=torch.float64).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(6)
+    weight = torch.randn(3, 5, generator=gen, dtype=torch.float64).to(torch.bfloat16)
     bits = weight.view(torch.int16).numpy().view(np.uint16)
     out = tmp_path / "bf16.h5"
     write_hdf5(out, [TensorInfo("w", "bfloat16", (3, 5))], lambda _: bits, {})

@@ -873,7 +873,7 @@ def test_sigterm_during_write_leaves_old_output_and_no_temp_file(
     )
     try:
         deadline = time.monotonic() + 60
-        while not ready.exists():
+        while not ready.exists() or not ready.read_text():  # written, not just created
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the child never started writing"
             time.sleep(0.02)

@@ -106,7 +106,7 @@ label = "{n}"
 bn_style = "paddle"
 fused_weight = "{n}_acsquare_weights"
 fused_bias = "{n}_acsquare_bias"
-square = { weight = "{n}_acsquare_weights", bn = "{b}_acsquare" }
+square = { weight = "{n}_acsquare_weights", bias = "{n}.acsquare.conv2d.output.1.b_0", bn = "{b}_acsquare" }
 branches = [
   { weight = "{n}_achor_weights", bn = "{b}_achor" },
   { weight = "{n}_acver_weights", bn = "{b}_acver" },

@@ -123,9 +123,9 @@ def test_pth_to_pth_reuses_the_source_crc(tmp_path: Path, monkeypatch: Any) -> N
         computed.append(raw)
         return real(raw)
 
-    import acnet_convert.checkpoint.pth as pth
+    import acnet_convert.checkpoint.pth.zipfmt as zipfmt
 
-    monkeypatch.setattr(pth, "crc32_range", counting)
+    monkeypatch.setattr(zipfmt, "crc32_range", counting)
     out = tmp_path / "fused.pth"
     fuse_checkpoint(source, out, "pth")
     with open_checkpoint(source) as reader:
@@ -167,10 +167,10 @@ def test_a_tensor_damaged_on_the_way_is_caught(fmt: str, tmp_path: Path, monkeyp
         rawio.write_range(out_fd, b"\xff\xff", out_offset + raw.length // 2)
 
     import acnet_convert.checkpoint.hdf5_io as hdf5_io
-    import acnet_convert.checkpoint.pth as pth
+    import acnet_convert.checkpoint.pth.zipfmt as zipfmt
     import acnet_convert.checkpoint.safetensors_io as safetensors_io
 
-    for module in (hdf5_io, pth, safetensors_io):
+    for module in (hdf5_io, zipfmt, safetensors_io):
         monkeypatch.setattr(module, "copy_range", damaging)
     out = tmp_path / f"fused{SUFFIX[fmt]}"
     with pytest.raises(BadCheckpointError, match="did not land intact"):

@@ -31,7 +31,7 @@ __all__ = [
     "write_checkpoint",
 ]
 
-FORMATS = ("pth", "hdf5", "safetensors")
+FORMATS = ("pth", "hdf5", "safetensors", "pdparams")
 _EXTENSIONS = {
     ".pth": "pth",
     ".pt": "pth",
@@ -41,6 +41,7 @@ _EXTENSIONS = {
     ".hdf5": "hdf5",
     ".h5": "hdf5",
     ".safetensors": "safetensors",
+    ".pdparams": "pdparams",
 }
 
 
@@ -74,10 +75,19 @@ def open_checkpoint(path: Path, *, trust_pickle: bool = False) -> CheckpointRead
         from .safetensors_io import SafetensorsReader
 
         return SafetensorsReader(path)
+    if kind == "keras":
+        from .keras3 import Keras3Reader
+
+        return Keras3Reader(path)
     if kind == "hdf5":
         from .hdf5_io import Hdf5Reader
+        from .keras3 import Keras3Reader, is_keras3_weights
 
-        return Hdf5Reader(path)
+        return Keras3Reader(path) if is_keras3_weights(path) else Hdf5Reader(path)
+    if kind == "pdparams":
+        from .pdparams import PdparamsReader
+
+        return PdparamsReader(path, trust_pickle=trust_pickle)
     from .pth import PthReader
 
     return PthReader(path, trust_pickle=trust_pickle)
@@ -131,5 +141,9 @@ def write_checkpoint(
         from .pth import write_pth
 
         write_pth(path, tensors, produce, container)
+    elif fmt == "pdparams":
+        from .pdparams import write_pdparams
+
+        write_pdparams(path, tensors, produce)
     else:
         raise UsageError(f"unknown format '{fmt}'; choose one of {', '.join(FORMATS)}")

@@ -24,7 +24,16 @@ import numpy as np
 
 from acnet_convert import dtypes
 
-__all__ = ["CheckpointReader", "Container", "RawBytes", "TensorInfo"]
+__all__ = [
+    "CheckpointReader",
+    "Container",
+    "ProducedMismatchError",
+    "RawBytes",
+    "TensorInfo",
+    "check_produced",
+    "check_raw",
+    "contiguous_strides",
+]
 
 
 @dataclass(frozen=True)
@@ -132,3 +141,58 @@ class CheckpointReader(ABC):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# --- checks every writer makes on what it is handed ---------------------------
+
+
+class ProducedMismatchError(TypeError, ValueError):
+    """What a writer was handed does not match its TensorInfo (a bug in the producer)."""
+
+
+def check_raw(info: TensorInfo, raw: RawBytes) -> None:
+    """Raise :class:`ProducedMismatchError` unless ``raw`` holds exactly as many bytes as ``info`` needs."""
+    if raw.length != info.nbytes:
+        raise ProducedMismatchError(
+            f"tensor '{info.name}': produced {raw.length} raw bytes, expected {info.nbytes}"
+        )
+
+
+def check_produced(info: TensorInfo, array: np.ndarray) -> np.ndarray:
+    """``array`` as C-contiguous and little-endian, after checking it matches ``info`` exactly.
+
+    Raises:
+        ProducedMismatchError: type, dtype, shape or byte count differ (a bug in the
+            producer); it is both a TypeError and a ValueError.
+    """
+    expected = dtypes.numpy_dtype(info.dtype)
+    if not isinstance(array, np.ndarray) or array.dtype.newbyteorder("=") != expected.newbyteorder(
+        "="
+    ):
+        got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+        raise ProducedMismatchError(
+            f"tensor '{info.name}': produced {got}, expected {expected} ({info.dtype})"
+        )
+    if array.shape != info.shape:
+        raise ProducedMismatchError(
+            f"tensor '{info.name}': produced shape {array.shape}, expected {info.shape}"
+        )
+    if array.dtype != expected:
+        array = array.astype(expected)
+    if not array.flags.c_contiguous:
+        array = array.copy(order="C")  # not ascontiguousarray: it turns 0-d into 1-d
+    if array.nbytes != info.nbytes:
+        raise ProducedMismatchError(
+            f"tensor '{info.name}': produced {array.nbytes} bytes, expected {info.nbytes}"
+        )
+    return array
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """C-order strides in elements, as torch computes them (zero-size dimensions count as 1)."""
+    strides: list[int] = []
+    step = 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))

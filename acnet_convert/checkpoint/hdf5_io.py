@@ -40,10 +40,10 @@ import numpy as np
 from acnet_convert import dtypes
 from acnet_convert.errors import BadCheckpointError, UsageError
 
-from .base import CheckpointReader, Container, RawBytes, TensorInfo
+from .base import CheckpointReader, Container, RawBytes, TensorInfo, check_produced, check_raw
 from .containers import strip_prefix
+from .keras_config import bn_epsilons, bn_layers
 from .rawio import copy_range, read_range
-from .safetensors_io import check_produced, check_raw
 
 __all__ = ["BF16_ATTR", "LAYOUTS", "Hdf5Reader", "KerasAttrs", "replace_keras_layers", "write_hdf5"]
 
@@ -113,6 +113,8 @@ class Hdf5Reader(CheckpointReader):
         super().__init__(path)
         self.layout = "flat"
         self.keras_attrs: KerasAttrs | None = None
+        # A Keras full-model file's BN epsilons, keyed by moving-mean tensor (see keras_config).
+        self.bn_epsilons: dict[str, float] = {}
         self._paths: dict[str, str] = {}
         self._fd: int | None = None  # for raw(): a copy of the HDF5 library's own descriptor
         try:
@@ -158,6 +160,9 @@ class Hdf5Reader(CheckpointReader):
         for name, (_, h5_path, dtype, shape) in zip(names, found, strict=True):
             self.tensors[name] = TensorInfo(name=name, dtype=dtype, shape=shape)
             self._paths[name] = h5_path
+        if self.keras_attrs is not None and "model_config" in self.metadata:
+            layers = bn_layers(self.metadata["model_config"])
+            self.bn_epsilons = bn_epsilons(layers, list(self.tensors))
 
     def __enter__(self) -> Hdf5Reader:
         return self

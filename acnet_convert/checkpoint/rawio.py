@@ -28,6 +28,7 @@ __all__ = [
     "crc32_range",
     "iter_chunks",
     "pread_into",
+    "read_exactly",
     "read_range",
     "same_bytes",
     "write_range",
@@ -119,6 +120,15 @@ def _fill(raw: RawBytes, view: memoryview, done: int) -> None:
         if got == 0:
             raise _short(raw, raw.length - done - filled)
         filled += got
+
+
+def read_exactly(fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` with the bytes of ``fd`` from ``offset`` on; a short file is an error.
+
+    Raises:
+        BadCheckpointError: the file ends before ``view`` is full.
+    """
+    _fill(RawBytes(fd, offset, len(view)), view, 0)
 
 
 def iter_chunks(raw: RawBytes, chunk: int = CHUNK) -> Iterator[memoryview]:

@@ -29,9 +29,10 @@ import numpy as np
 from acnet_convert import dtypes
 from acnet_convert.errors import BadCheckpointError
 
-from .base import CheckpointReader, Container, RawBytes, TensorInfo
+from .base import CheckpointReader, Container, RawBytes, TensorInfo, check_produced, check_raw
 from .containers import strip_prefix
 from .rawio import copy_range
+from .sniff import MAX_HEADER_BYTES
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -40,9 +41,6 @@ __all__ = [
     "check_raw",
     "write_safetensors",
 ]
-
-# The reference implementation refuses headers above this size too.
-MAX_HEADER_BYTES = 100_000_000
 
 # safetensors dtype code <-> canonical name (acnet_convert.dtypes).
 _CODE_TO_DTYPE = {
@@ -377,36 +375,3 @@ def write_safetensors(
             array = check_produced(info, value)
             if array.size:
                 handle.write(array.reshape(-1).view(np.uint8).data)
-
-
-def check_raw(info: TensorInfo, raw: RawBytes) -> None:
-    """Raise ValueError unless ``raw`` holds exactly as many bytes as ``info`` needs."""
-    if raw.length != info.nbytes:
-        raise ValueError(
-            f"tensor '{info.name}': produced {raw.length} raw bytes, expected {info.nbytes}"
-        )
-
-
-def check_produced(info: TensorInfo, array: np.ndarray) -> np.ndarray:
-    """``array`` as C-contiguous, after checking it matches ``info`` exactly.
-
-    Raises:
-        ValueError: dtype, shape or byte count differ (a bug in the producer).
-    """
-    expected = dtypes.numpy_dtype(info.dtype)
-    if not isinstance(array, np.ndarray) or array.dtype != expected:
-        got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
-        raise ValueError(
-            f"tensor '{info.name}': produced {got}, expected {expected} ({info.dtype})"
-        )
-    if array.shape != info.shape:
-        raise ValueError(
-            f"tensor '{info.name}': produced shape {array.shape}, expected {info.shape}"
-        )
-    if not array.flags.c_contiguous:
-        array = array.copy(order="C")  # not ascontiguousarray: it turns 0-d into 1-d
-    if array.nbytes != info.nbytes:
-        raise ValueError(
-            f"tensor '{info.name}': produced {array.nbytes} bytes, expected {info.nbytes}"
-        )
-    return array

@@ -14,9 +14,7 @@ from typing import BinaryIO
 
 from acnet_convert.errors import BadCheckpointError
 
-from .safetensors_io import MAX_HEADER_BYTES
-
-__all__ = ["FORMAT_NAMES", "extension_note", "sniff_format"]
+__all__ = ["FORMAT_NAMES", "MAX_HEADER_BYTES", "ZIP_MAGIC", "extension_note", "sniff_format"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +24,18 @@ FORMAT_NAMES = {
     "pth-legacy": "a legacy PyTorch (pickle) checkpoint",
     "hdf5": "HDF5 data",
     "safetensors": "safetensors data",
+    "pdparams": "a pickle (Paddle .pdparams)",
+    "keras": "a Keras 3 .keras archive",
 }
 
-_ZIP_MAGIC = b"PK\x03\x04"
+# A zip archive starts with a local file header, or (empty) with the end record.
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+# The safetensors reference implementation refuses headers above this size too.
+MAX_HEADER_BYTES = 100_000_000
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _PICKLE_PROTO = 0x80
+# torch's legacy MAGIC_NUMBER 0x1950a86a20f9469cfc6c, pickled as LONG1 (10 bytes, little-endian).
+_TORCH_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 _LFS_POINTER = b"version https://git-lfs"
 
 # Extension -> the formats it usually holds (for notes only).
@@ -42,15 +47,20 @@ _EXPECTED = {
     ".h5": ("hdf5",),
     ".hdf5": ("hdf5",),
     ".safetensors": ("safetensors",),
+    ".pdparams": ("pdparams",),
+    ".keras": ("keras",),
 }
-_SUPPORTED = "PyTorch .pth (zip or legacy pickle), HDF5 (upstream ACNet or Keras) or safetensors"
+_SUPPORTED = (
+    "PyTorch .pth (zip or legacy pickle), HDF5 (upstream ACNet, Keras 2 or Keras 3), "
+    "Keras 3 .keras, safetensors or Paddle .pdparams"
+)
 
 
 def sniff_format(path: Path) -> str:
     """Which format ``path`` holds, judged from its content.
 
     Returns:
-        ``"pth-zip"``, ``"pth-legacy"``, ``"hdf5"`` or ``"safetensors"``.
+        ``"pth-zip"``, ``"pth-legacy"``, ``"hdf5"``, ``"safetensors"``, ``"pdparams"`` or ``"keras"``.
 
     Raises:
         BadCheckpointError: the path is missing, a directory, unreadable or
@@ -81,6 +91,8 @@ def sniff_format(path: Path) -> str:
         raise BadCheckpointError(f"{path}: is empty (0 bytes); was the download or save cut short?")
     if kind is None:
         raise BadCheckpointError(_unknown_message(path, head))
+    if kind == "pth-zip" and _is_keras_archive(path):
+        kind = "keras"
     note = extension_note(path, kind)
     if note:
         logger.info("%s", note)
@@ -100,7 +112,7 @@ def extension_note(path: Path, kind: str) -> str | None:
 
 
 def _sniff(head: bytes, size: int) -> str | None:
-    if head.startswith(_ZIP_MAGIC):
+    if head.startswith(ZIP_MAGIC):
         return "pth-zip"
     if head.startswith(_HDF5_MAGIC):
         return "hdf5"
@@ -108,10 +120,23 @@ def _sniff(head: bytes, size: int) -> str | None:
         header_len = int.from_bytes(head[:8], "little")
         if 2 <= header_len <= min(size - 8, MAX_HEADER_BYTES) and head[8:9] == b"{":
             return "safetensors"
-    # torch.save's legacy format is pickle protocol 2 (PROTO opcode, then the version).
+    # torch.save's legacy format is a pickle (PROTO opcode) whose first object is its magic
+    # number; any other pickle is read as Paddle's .pdparams (a dict of numpy arrays).
     if len(head) >= 2 and head[0] == _PICKLE_PROTO and 2 <= head[1] <= 5:
-        return "pth-legacy"
+        return "pth-legacy" if _TORCH_LEGACY_MAGIC in head[:32] else "pdparams"
     return None
+
+
+def _is_keras_archive(path: Path) -> bool:
+    """A zip with Keras 3's config.json and model.weights.h5 (a torch archive has neither)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+    return {"config.json", "model.weights.h5"} <= names
 
 
 def _hdf5_after_userblock(handle: BinaryIO, size: int) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Mapping
@@ -18,23 +19,74 @@ from acnet_convert.errors import (
     UsageError,
 )
 from acnet_convert.fusion import BNStats, compare_outputs, fold_bn
-from acnet_convert.plan import LAYOUTS, FuseOptions, FusionPlan, PlannedBlock, plan_fusion
+from acnet_convert.plan import (
+    LAYOUTS,
+    FuseOptions,
+    FusionPlan,
+    NamingOptions,
+    PlannedBlock,
+    plan_fusion,
+)
 from acnet_convert.verify.options import _SHOW_KEYS, VerifyOptions
 from acnet_convert.verify.results import CaseResult, VerifyResult
 
 __all__ = []
 
 
+def naming_for(
+    options: VerifyOptions, provenance: Mapping[str, str], declares_eps: bool = False
+) -> NamingOptions:
+    """The naming options to plan TRAIN with: the user's, else what FUSED says ``fuse`` used.
+
+    ``fuse --eps`` is taken from the provenance only when TRAIN declares no BN
+    epsilons of its own (``declares_eps``): a declared epsilon is the truth a
+    wrong ``--eps`` at fuse time must be checked against.
+    """
+    dialect = options.dialect
+    recorded = provenance.get("acnet_convert.dialect", "")
+    if dialect is None and recorded and "+" not in recorded and recorded != "conv-bn":
+        dialect = recorded
+    renames = options.renames
+    if not renames and "acnet_convert.renames" in provenance:
+        try:
+            renames = tuple(
+                (str(a), str(b)) for a, b in json.loads(provenance["acnet_convert.renames"])
+            )
+        except (ValueError, TypeError):
+            renames = ()
+    eps = options.eps
+    if eps is None and not declares_eps and "acnet_convert.eps_option" in provenance:
+        try:
+            eps = float(provenance["acnet_convert.eps_option"])
+        except ValueError:
+            eps = None
+    return NamingOptions(
+        dialect=dialect,
+        extra_dialects=tuple(options.extra_dialects),
+        renames=renames,
+        eps=eps,
+        fold_bn=provenance.get("acnet_convert.fold_bn") == "true",
+    )
+
+
 def _plan_for(
-    train: CheckpointReader, fused_keys: Mapping[str, object], options: VerifyOptions
+    train: CheckpointReader,
+    fused_keys: Mapping[str, object],
+    options: VerifyOptions,
+    provenance: Mapping[str, str] | None = None,
 ) -> tuple[FusionPlan, str]:
     """Plan the fusion of TRAIN in FUSED's layout (found from FUSED's keys for ``auto``)."""
+    recorded = dict(provenance or {})
+    naming = naming_for(options, recorded, bool(getattr(train, "bn_epsilons", None)))
 
     def fuse_options(layout: str) -> FuseOptions:
-        return FuseOptions(layout=layout, dialect=options.dialect, eps=options.eps)
+        return naming.fuse_options(layout=layout)
 
-    if options.layout != "auto":
-        return plan_fusion(train, fuse_options(options.layout)), options.layout
+    chosen = options.layout
+    if chosen == "auto" and recorded.get("acnet_convert.layout") in LAYOUTS:
+        chosen = recorded["acnet_convert.layout"]
+    if chosen != "auto":
+        return plan_fusion(train, fuse_options(chosen)), chosen
     best: tuple[int, FusionPlan, str] | None = None
     for layout in LAYOUTS:
         try:
@@ -95,7 +147,7 @@ def _fused_values(
         if role == "weight":
             stored = info.dtype
         values[role] = dtypes.to_float64(fused.read(key), info.dtype)
-    weight = np.ascontiguousarray(from_layout(values["weight"], plan.dialect.kernel_layout))
+    weight = np.ascontiguousarray(from_layout(values["weight"], plan.dialect.kernel_order))
     if layout == "baseline":
         bn = BNStats(
             mean=values["bn_mean"],
@@ -114,13 +166,19 @@ def _block_cases(
     train: CheckpointReader, fused: CheckpointReader, options: VerifyOptions, rtol: float
 ) -> tuple[str, list[CaseResult], list[str]]:
     """Check every block (and the copied tensors) on its own; returns layout, cases, notes."""
-    plan, layout = _plan_for(train, fused.tensors, options)
+    plan, layout = _plan_for(train, fused.tensors, options, fused.metadata)
     rng = np.random.default_rng(options.seed)
     cases: list[CaseResult] = []
     for block in plan.blocks:
         began = time.perf_counter()
         tensors = load_block(
-            block.spec, train.tensors, train.read, plan.eps, plan.source, plan.dialect.kernel_layout
+            block.spec,
+            train.tensors,
+            train.read,
+            block.eps if block.eps is not None else plan.eps,
+            plan.source,
+            plan.dialect.kernel_order,
+            bn_eps=plan.bn_eps,
         )
         weight, bias, stored = _fused_values(block, fused, plan, layout, options.layout == "auto")
         check = check_block(
@@ -150,7 +208,59 @@ def _block_cases(
     copied, notes = _copied_case(train, fused, plan, options, rtol)
     if copied is not None:
         cases.append(copied)
+    cases.extend(_accounting_cases(fused, plan, options))
     return layout, cases, notes
+
+
+def _accounting_cases(
+    fused: CheckpointReader, plan: FusionPlan, options: VerifyOptions
+) -> list[CaseResult]:
+    """FUSED must hold every tensor ``fuse`` would have copied, and (without
+    ``allow_extra``) nothing TRAIN does not explain: a fused file with a layer
+    left out, or with weights from elsewhere, is not what ``fuse`` wrote."""
+    explained = set(plan.origins) | {k for b in plan.blocks for k, _ in b.outputs}
+    missing = [out for out in plan.origins if out not in fused.tensors]
+    extra = [k for k in fused.tensors if k not in explained]
+    cases = []
+    if missing:
+        cases.append(
+            _listing_case(
+                "missing",
+                f"missing from FUSED ({len(missing)})",
+                missing,
+                "FUSED lacks tensors that fusing copies from TRAIN unchanged",
+                passed=False,
+            )
+        )
+    if extra:
+        allowed = "allowed by --allow-extra" if options.allow_extra else "--allow-extra allows them"
+        cases.append(
+            _listing_case(
+                "extra",
+                f"extra in FUSED ({len(extra)})",
+                extra,
+                f"FUSED holds tensors that TRAIN does not explain ({allowed})",
+                passed=options.allow_extra,
+            )
+        )
+    return cases
+
+
+def _listing_case(kind: str, name: str, keys: list[str], what: str, passed: bool) -> CaseResult:
+    shown = ", ".join(repr(k) for k in keys[:_SHOW_KEYS])
+    more = f" and {len(keys) - _SHOW_KEYS} more" if len(keys) > _SHOW_KEYS else ""
+    nan = math.nan
+    return CaseResult(
+        name=name,
+        kind=kind,
+        passed=passed,
+        max_abs=nan,
+        max_rel=nan,
+        cosine=nan,
+        ref_max=nan,
+        allowed=nan,
+        detail=f"{what}: {shown}{more}",
+    )
 
 
 def _copied_case(
@@ -163,21 +273,6 @@ def _copied_case(
     """Compare the tensors ``fuse`` copies unchanged (classifier, stem, other BNs)."""
     began = time.perf_counter()
     notes: list[str] = []
-    explained = set(plan.origins) | set(_required_outputs(plan))
-    explained |= {k for b in plan.blocks for k, _ in b.outputs}
-    missing = [out for out in plan.origins if out not in fused.tensors]
-    if missing:
-        notes.append(
-            f"{len(missing)} tensor(s) of TRAIN that fusing copies are not in FUSED "
-            "(renamed or left out?), "
-            f"e.g. {', '.join(repr(k) for k in missing[:_SHOW_KEYS])}"
-        )
-    extra = [k for k in fused.tensors if k not in explained]
-    if extra:
-        notes.append(
-            f"FUSED holds {len(extra)} tensor(s) that TRAIN does not explain, e.g. "
-            f"{', '.join(repr(k) for k in extra[:_SHOW_KEYS])}"
-        )
     present = [(out, src) for out, src in plan.origins.items() if out in fused.tensors]
     if not present:
         return None, notes

@@ -53,7 +53,11 @@ class VerifyOptions:
     ``layout`` is FUSED's layout (``auto``: found from its keys); ``dialect``
     and ``eps`` are as for ``fuse``. ``rtol`` None means :data:`DEFAULT_RTOL`.
     ``input_shape`` is ``(C, H, W)``; ``input_path`` a ``.npy`` or ``.pt``
-    batch that replaces the random one.
+    batch that replaces the random one. ``allow_extra`` lets FUSED hold
+    tensors that TRAIN does not explain (block mode; they fail the check otherwise).
+    ``extra_dialects`` (``--patterns``) and ``renames`` (``--rename``) are as
+    for ``fuse``; where FUSED records how it was written (provenance: dialect,
+    layout, renames, eps, --fold-bn) that is used for what is not given here.
     """
 
     arch: str | None = None
@@ -72,6 +76,9 @@ class VerifyOptions:
     rtol: float | None = None
     atol: float = 0.0
     trust_pickle: bool = False
+    allow_extra: bool = False
+    extra_dialects: tuple[Any, ...] = ()
+    renames: tuple[tuple[str, str], ...] = ()
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:

@@ -18,6 +18,9 @@ __all__ = [
     "raise_for_result",
 ]
 
+# Cases that list tensors FUSED lacks or holds beyond TRAIN, rather than compare numbers.
+LISTING_KINDS = ("missing", "extra")
+
 
 @dataclass(frozen=True)
 class CaseResult:
@@ -61,6 +64,8 @@ class CaseResult:
 
     def numbers(self) -> str:
         """The figures, in one line, for messages and JUnit failures."""
+        if self.kind in LISTING_KINDS:  # tensors missing or extra: a list, not numbers
+            return self.detail
         verdict = "<=" if self.passed else ">"
         text = (
             f"max_abs {self.max_abs:.3g} {verdict} allowed {self.allowed:.3g} "
@@ -135,9 +140,16 @@ class VerifyResult:
         where = f"{self.fused} does not compute what {self.train} computes"
         tol = f"atol {self.atol:g} + rtol {self.rtol:g} * max|reference|"
         bad = [c for c in self.failures if c.kind != "network"]
-        listing = ", ".join(f"'{c.name}' (max_rel {c.max_rel:.3g})" for c in bad)
+        listing = ", ".join(
+            f"{c.detail}" if c.kind in LISTING_KINDS else f"'{c.name}' (max_rel {c.max_rel:.3g})"
+            for c in bad
+        )
         if self.mode == "blocks":
-            return f"{where}: {len(bad)} of {len(self.cases)} checks exceed {tol}: {listing}"
+            numeric = [c for c in bad if c.kind not in LISTING_KINDS]
+            fails = f"{len(bad)} of {len(self.cases)} checks fail"
+            if numeric:
+                fails += f" ({len(numeric)} exceed {tol})"
+            return f"{where}: {fails}: {listing}"
         network = [c for c in self.cases if not c.passed]
         if network:
             worst = max(network, key=lambda c: c.max_rel)
@@ -163,6 +175,7 @@ class VerifyResult:
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "schema": 1,
             "report": "acnet-convert verify",
             "version": 1,
             "passed": self.passed,

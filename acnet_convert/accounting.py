@@ -1,0 +1,186 @@
+"""Accounting for every tensor after planning: fused, passed through, or suspicious.
+
+A tensor that is neither consumed by a fused block nor plainly an ordinary
+layer's is *suspicious* when it looks like a training-time part of a block
+that was fused without it:
+
+* a conv (4-D ``<m>.weight``) inside a fused block's module whose output
+  width matches the block's and that has its own BN or the block's exact
+  [out, in-per-group] shape: a branch the family's naming does not list;
+* a BN-like group (torch ``running_mean/var``, Paddle dygraph
+  ``_mean/_variance``, Paddle fluid ``<stem>_mean/_variance``, Keras
+  ``moving_*``) inside a fused block's module with the block's width;
+* a bit-identical copy of a tensor a block consumed, under another name
+  (a ModuleList registering the branch modules again).
+
+``fuse`` refuses a plan with suspicious tensors (exit 3) unless told
+``--allow-unfused``; ``inspect`` lists them; ``verify`` refuses such a TRAIN.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from acnet_convert.checkpoint.base import TensorInfo
+from acnet_convert.generic import branch_bn_stems
+from acnet_convert.naming import BlockSpec
+
+__all__ = ["Suspect", "find_suspects", "suspects_message"]
+
+# BN statistics under any naming style: (regex on the key, group "stem")
+_BN_MEAN = (
+    re.compile(r"(?P<stem>.+)\.running_mean"),
+    re.compile(r"(?P<stem>.+)\._mean"),
+    re.compile(r"(?P<stem>.+)_mean"),
+    re.compile(r"(?P<stem>.+)/moving_mean:0"),
+)
+
+
+@dataclass(frozen=True)
+class Suspect:
+    """Tensors that look like an unfused training-time part, and what they look like."""
+
+    name: str
+    keys: tuple[str, ...]
+    what: str
+
+    def as_json(self) -> dict[str, object]:
+        return {"name": self.name, "keys": list(self.keys), "looks_like": self.what}
+
+
+def _under(key: str, prefix: str) -> bool:
+    return key.startswith(prefix)
+
+
+def _bn_stems(keys: Sequence[str], infos: Mapping[str, TensorInfo]) -> dict[str, str]:
+    """BN-like groups among ``keys``: stem -> running-mean key."""
+    found: dict[str, str] = {}
+    for key in keys:
+        for pattern in _BN_MEAN:
+            match = pattern.fullmatch(key)
+            if match and len(infos[key].shape) == 1:
+                found.setdefault(match["stem"], key)
+                break
+    return found
+
+
+def _group(stem: str, keys: Sequence[str]) -> tuple[str, ...]:
+    return tuple(k for k in keys if k.startswith(stem) and k[len(stem) : len(stem) + 1] in "._/")
+
+
+def _conv_suspects(
+    spec: BlockSpec,
+    prefix: str,
+    width: tuple[int, int],
+    keys: Sequence[str],
+    infos: Mapping[str, TensorInfo],
+    bn_stems: Mapping[str, str],
+) -> list[Suspect]:
+    out: list[Suspect] = []
+    for key in keys:
+        shape = infos[key].shape
+        if not (key.endswith(".weight") and len(shape) == 4 and _under(key, prefix)):
+            continue
+        module = key[: -len(".weight")]
+        branch, stems = branch_bn_stems(module)
+        bns = [s for s in stems if s in bn_stems]
+        if shape[0] != width[0] or not (bns or (shape[1] == width[1] and prefix)):
+            continue
+        what = (
+            f"a {shape[2]}x{shape[3]} conv{'+BN' if bns else ''} branch inside block "
+            f"'{spec.label}' ({spec.family}) that its naming does not list"
+        )
+        grouped = tuple(
+            dict.fromkeys((*_group(branch, keys), *(k for s in bns for k in _group(s, keys))))
+        )
+        out.append(Suspect(branch, grouped or (key,), what))
+    return out
+
+
+def find_suspects(
+    blocks: Sequence[tuple[BlockSpec, tuple[int, int]]],
+    passed: Sequence[str],
+    infos: Mapping[str, TensorInfo],
+    consumed: Sequence[str],
+    same: Callable[[str, str], bool] | None,
+    constant: Callable[[str], bool] | None = None,
+) -> tuple[Suspect, ...]:
+    """Suspicious tensors among the pass-through keys ``passed``.
+
+    Args:
+        blocks: every fused block with its [out channels, in per group].
+        passed: the keys that would be copied through unchanged.
+        infos: the checkpoint's index.
+        consumed: every key a fused block consumed.
+        same: ``same(a, b)``: do keys a and b hold bit-identical tensors?
+        constant: ``constant(key)``: does the tensor hold one value throughout?
+            (Equal constant tensors, such as untrained ones, are not aliases.)
+    """
+    suspects: dict[str, Suspect] = {}
+    bn_stems = _bn_stems(passed, infos)
+    for spec, width in blocks:
+        prefix = spec.fields.get("p")
+        if prefix is None:
+            continue
+        for s in _conv_suspects(spec, prefix, width, passed, infos, bn_stems):
+            suspects.setdefault(s.name, s)
+        if not prefix:  # a block at the top level: every root key is "inside" it
+            continue
+        for stem, mean in bn_stems.items():
+            claimed = any(k in s.keys for s in suspects.values() for k in _group(stem, passed))
+            if _under(stem, prefix) and infos[mean].shape == (width[0],) and not claimed:
+                what = (
+                    f"BatchNorm statistics of width {width[0]} inside block '{spec.label}' "
+                    f"({spec.family}), which was fused without them"
+                )
+                suspects.setdefault(stem, Suspect(stem, _group(stem, passed), what))
+    taken = {k for s in suspects.values() for k in s.keys}
+    rest = [k for k in passed if k not in taken]
+    for alias in _aliases(rest, infos, consumed, same, constant):
+        suspects.setdefault(alias.name, alias)
+    return tuple(suspects.values())
+
+
+def _aliases(
+    passed: Sequence[str],
+    infos: Mapping[str, TensorInfo],
+    consumed: Sequence[str],
+    same: Callable[[str, str], bool] | None,
+    constant: Callable[[str], bool] | None,
+) -> list[Suspect]:
+    """Pass-through conv kernels bit-identical to a consumed one (BN statistics of
+    untrained BNs are equal without being aliases, so kernels only)."""
+    if same is None:
+        return []
+
+    def kind(key: str) -> bool:
+        return len(infos[key].shape) == 4
+
+    by_shape: dict[tuple[str, tuple[int, ...]], list[str]] = {}
+    for key in consumed:
+        if key in infos and kind(key):
+            by_shape.setdefault((infos[key].dtype, infos[key].shape), []).append(key)
+    out = []
+    for key in passed:
+        info = infos[key]
+        if not kind(key) or info.numel == 0:
+            continue
+        twins = by_shape.get((info.dtype, info.shape), [])
+        twin = next((c for c in twins if same(key, c)), None)
+        if twin is not None and not (constant is not None and constant(key)):
+            what = f"a bit-identical copy of '{twin}', which a fused block consumed"
+            out.append(Suspect(key, (key,), what))
+    return out
+
+
+def suspects_message(source: str, suspects: Sequence[Suspect]) -> str:
+    """The one-line refusal for a plan with suspicious tensors."""
+    shown = "; ".join(f"'{s.name}' ({s.what})" for s in suspects[:3])
+    more = f"; and {len(suspects) - 3} more" if len(suspects) > 3 else ""
+    return (
+        f"{source}: {len(suspects)} group{'s' if len(suspects) > 1 else ''} of tensors look like "
+        f"training-time branches that would be left unfused: {shown}{more}. Describe them with "
+        "--patterns, or have 'fuse --allow-unfused' copy them through as they are"
+    )

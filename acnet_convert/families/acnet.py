@@ -1,0 +1,188 @@
+"""ACNet v1 (Ding et al., ICCV 2019): a kxk, a 1xk and a kx1 conv, each with its BN.
+
+Every naming of it found in the wild is one dialect here (upstream current and
+legacy with ``last_bn``, upstream 2019, mmcv-style ports, PaddleClas, Keras 2
+h5); the generic shape rule (:mod:`acnet_convert.generic`) and user TOML files
+describe the same family. ACNet's own geometry rule, :func:`validate_acnet`:
+an odd square kernel of 3 or more, and exactly one 1xk and one kx1 branch of
+odd length no longer than the square (told apart by shape, not by name: some
+ports swap what "ver" and "hor" mean). Upstream-named blocks may carry a fourth,
+dilated branch (``corner_conv``/``corner_bn``: a 2x2 conv with dilation 2, the
+square's corners), fused like the others.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from acnet_convert.naming import BranchNames, Dialect, bn_names
+
+__all__ = ["DIALECTS", "GENERIC", "validate_acnet"]
+
+
+def validate_acnet(geometry: Any) -> str | None:
+    """ACNet's rule on a block's :class:`~acnet_convert.blocks.BlockGeometry`; a problem or None."""
+    kh, kw = geometry.kh, geometry.kw
+    first = geometry.branches[0]
+    if kh != kw or kh % 2 == 0 or kh < 3:
+        return (
+            f"'{first.key}' has a {kh}x{kw} kernel; an asymmetric block needs an odd "
+            "square kernel of size 3 or more"
+        )
+    others = [b for b in geometry.branches[1:] if b.dilation == 1]  # corners are extra
+    shapes = [b.kernel for b in others]
+    kinds = sorted(
+        "hor" if h == 1 and w > 1 else "ver" if w == 1 and h > 1 else "bad" for h, w in shapes
+    )
+    if len(others) != 2 or kinds != ["hor", "ver"]:
+        listing = " and ".join(f"'{b.key}' {list(b.kernel)}" for b in others)
+        return f"the 1-D kernels {listing} are not one 1xk and one kx1"
+    for branch in others:
+        h, w = branch.kernel
+        if max(h, w) % 2 == 0 or max(h, w) > kh:
+            return (
+                f"'{branch.key}' is {h}x{w}; a 1-D kernel must have odd length no longer "
+                f"than the {kh}x{kh} square"
+            )
+    return None
+
+
+def _torch_branch(conv: str, bn: str, role: str = "") -> BranchNames:
+    return BranchNames(
+        f"{{p}}{conv}.weight", f"{{p}}{conv}.bias", bn_names(f"{{p}}{bn}"), role=role or conv
+    )
+
+
+def _keras_branch(layer: str) -> BranchNames:
+    # Keras 2 h5: group <layer>, dataset <layer>/<weight>:0 inside it.
+    return BranchNames(
+        f"{layer}/{layer}/kernel:0",
+        f"{layer}/{layer}/bias:0",
+        bn_names(f"{layer}_bn/{layer}_bn", style="keras"),
+        role=layer.replace("{n}_", ""),
+    )
+
+
+def _convmodule(stem: str) -> BranchNames:
+    return BranchNames(
+        f"{{p}}{stem}.conv.weight",
+        f"{{p}}{stem}.conv.bias",
+        bn_names(f"{{p}}{stem}.bn"),
+        role=stem,
+    )
+
+
+# ``p`` includes its trailing dot, so a block at the top level has p == "".
+TORCH_PREFIX = r"(?P<p>(?:.+\.)?)"
+
+GENERIC = Dialect(
+    name="generic",
+    description="any port: a kxk, a 1xk and a kx1 conv under one parent, told apart by shape "
+    "(tried last, only when no named dialect matches)",
+    anchor=None,
+    fused_weight="{p}fused_conv.weight",
+    fused_bias="{p}fused_conv.bias",
+    label="{p}",
+    validate=validate_acnet,
+)
+
+DIALECTS: tuple[Dialect, ...] = (
+    Dialect(
+        name="acnet",
+        description="upstream ACNet (acnet/acb.py): square_conv/hor_conv/ver_conv + *_bn, "
+        "optional last_bn (legacy: 1x3/3x1 on any square)",
+        anchor=TORCH_PREFIX + r"square_conv\.weight",
+        square=_torch_branch("square_conv", "square_bn"),
+        branches=(_torch_branch("hor_conv", "hor_bn"), _torch_branch("ver_conv", "ver_bn")),
+        # a fourth branch some variants add: a 2x2 conv with dilation 2 (the square's corners)
+        extra_branches=(
+            BranchNames(
+                "{p}corner_conv.weight",
+                "{p}corner_conv.bias",
+                bn_names("{p}corner_bn"),
+                optional=True,
+                dilation=2,
+                role="corner_conv",
+            ),
+        ),
+        last_bn=bn_names("{p}last_bn"),
+        fused_weight="{p}fused_conv.weight",
+        fused_bias="{p}fused_conv.bias",
+        label="{p}",
+        validate=validate_acnet,
+    ),
+    Dialect(
+        name="acnet-2019",
+        description="upstream ACNet of 2019 (acnet_builder.py): square_layer/square_BN, "
+        "horizontal_layer/horizontal_BN (1x3), vertical_layer/vertical_BN (3x1)",
+        anchor=TORCH_PREFIX + r"square_layer\.weight",
+        square=_torch_branch("square_layer", "square_BN"),
+        branches=(
+            _torch_branch("horizontal_layer", "horizontal_BN"),
+            _torch_branch("vertical_layer", "vertical_BN"),
+        ),
+        fused_weight="{p}fused_conv.weight",
+        fused_bias="{p}fused_conv.bias",
+        label="{p}",
+        validate=validate_acnet,
+    ),
+    Dialect(
+        name="mmcv",
+        description="mmcv-style ports: conv_kxk/conv_1xk/conv_kx1, "
+        "each a ConvModule with .conv and .bn",
+        anchor=TORCH_PREFIX + r"conv_kxk\.conv\.weight",
+        square=_convmodule("conv_kxk"),
+        branches=(_convmodule("conv_1xk"), _convmodule("conv_kx1")),
+        fused_weight="{p}fused_conv.weight",
+        fused_bias="{p}fused_conv.bias",
+        label="{p}",
+        # timm's RepVggBlock/MobileOneBlock also have conv_kxk.conv: a block with
+        # neither 1-D branch is not mmcv's.
+        requires_any=("{p}conv_1xk.conv.weight", "{p}conv_kx1.conv.weight"),
+        validate=validate_acnet,
+    ),
+    Dialect(
+        name="paddle",
+        description="PaddleClas ResNet_ACNet: <n>_acsquare/_achor/_acver_weights, BN "
+        "bn<n[3:]>_acsquare_{scale,offset,mean,variance} (bn_conv1_... for conv1); "
+        "fused: <n>_acsquare_weights + <n>_acsquare_bias",
+        anchor=r"(?P<n>.+)_acsquare_weights",
+        # PaddleClas' ResNet_ACNet: bn_name = "bn_" + name if name == "conv1" else "bn" + name[3:]
+        derived=(("b", "n", ((r"conv1", r"bn_conv1"), (r"...(.+)", r"bn\1"))),),
+        # A fluid conv2d named '<n>.acsquare.conv2d.output.1' without bias_attr=False gets an
+        # auto-named bias: folded like any conv bias when present.
+        square=BranchNames(
+            "{n}_acsquare_weights",
+            "{n}.acsquare.conv2d.output.1.b_0",
+            bn_names("{b}_acsquare", style="paddle"),
+            role="acsquare",
+        ),
+        branches=(
+            BranchNames(
+                "{n}_achor_weights", None, bn_names("{b}_achor", style="paddle"), role="achor"
+            ),
+            BranchNames(
+                "{n}_acver_weights", None, bn_names("{b}_acver", style="paddle"), role="acver"
+            ),
+        ),
+        fused_weight="{n}_acsquare_weights",
+        fused_bias="{n}_acsquare_bias",
+        label="{n}",
+        validate=validate_acnet,
+    ),
+    Dialect(
+        name="keras",
+        description="Keras 2 .h5 ports: layers <n>_sqr, <n>_hor, <n>_ver and <layer>_bn, "
+        "HWIO kernels, "
+        "BN eps 1e-3; fused: layer <n> with kernel:0 and bias:0",
+        anchor=r"(?P<n>[^/]+)_sqr/(?P=n)_sqr/kernel:0",
+        square=_keras_branch("{n}_sqr"),
+        branches=(_keras_branch("{n}_hor"), _keras_branch("{n}_ver")),
+        fused_weight="{n}/{n}/kernel:0",
+        fused_bias="{n}/{n}/bias:0",
+        label="{n}",
+        kernel_order="HWIO",
+        default_eps=1e-3,
+        validate=validate_acnet,
+    ),
+)

@@ -1,0 +1,35 @@
+"""MobileOne (Vasu et al., CVPR 2023; github apple/ml-mobileone).
+
+Branches: ``rbr_conv.{i}`` (N kxk conv+BN; the first is the primary),
+``rbr_scale`` (1x1 conv+BN, only when k > 1), ``rbr_skip`` (a BN alone, when
+in == out and stride 1). A 1x1 block fuses into a 1x1 conv. Deploy: ``reparam_conv``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from acnet_convert.families._names import TORCH_PREFIX, bn_only, conv_bn
+from acnet_convert.naming import Dialect
+
+__all__ = ["DIALECTS"]
+
+DIALECTS = (
+    Dialect(
+        name="mobileone",
+        family="mobileone",
+        exclusive=False,
+        description="MobileOne: rbr_conv.{i} (.conv + .bn), rbr_scale, rbr_skip (BN); "
+        "fused: reparam_conv",
+        anchor=TORCH_PREFIX + r"rbr_conv\.0\.conv\.weight",
+        square=conv_bn("rbr_conv.0"),
+        branches=(
+            replace(conv_bn("rbr_conv.{i}", optional=True), repeat_from=1),
+            conv_bn("rbr_scale", optional=True),
+            bn_only("rbr_skip"),
+        ),
+        fused_weight="{p}reparam_conv.weight",
+        fused_bias="{p}reparam_conv.bias",
+        label="{p}",
+    ),
+)
