@@ -73,6 +73,54 @@ def _one_thread() -> Any:
     torch.set_num_threads(threads)
 
 
+# A RepVGG-family net (upstream's names: rbr_dense/rbr_1x1 conv+bn, rbr_identity BN) whose
+# factory takes deploy=True and then builds rbr_reparam convs.
+REPVGG_SOURCE = """
+import torch
+from torch import nn
+
+
+def conv_bn(cin, cout, k, stride, padding, groups=1):
+    m = nn.Sequential()
+    m.add_module("conv", nn.Conv2d(cin, cout, k, stride, padding, groups=groups, bias=False))
+    m.add_module("bn", nn.BatchNorm2d(cout))
+    return m
+
+
+class RepVGGBlock(nn.Module):
+    def __init__(self, cin, cout, stride=1, deploy=False):
+        super().__init__()
+        self.nonlinearity = nn.ReLU()
+        if deploy:
+            self.rbr_reparam = nn.Conv2d(cin, cout, 3, stride, 1, bias=True)
+        else:
+            self.rbr_identity = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
+            self.rbr_dense = conv_bn(cin, cout, 3, stride, 1)
+            self.rbr_1x1 = conv_bn(cin, cout, 1, stride, 0)
+
+    def forward(self, x):
+        if hasattr(self, "rbr_reparam"):
+            return self.nonlinearity(self.rbr_reparam(x))
+        idt = 0 if self.rbr_identity is None else self.rbr_identity(x)
+        return self.nonlinearity(self.rbr_dense(x) + self.rbr_1x1(x) + idt)
+
+
+class Net(nn.Module):
+    def __init__(self, deploy=False):
+        super().__init__()
+        self.stage0 = RepVGGBlock(3, 8, 2, deploy)
+        self.stage1 = nn.Sequential(RepVGGBlock(8, 8, 1, deploy), RepVGGBlock(8, 16, 2, deploy))
+        self.linear = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.linear(self.stage1(self.stage0(x)).mean((2, 3)))
+
+
+def make(deploy=False):
+    return Net(deploy)
+"""
+
+
 def _onnx_convs(path: Path) -> int:
     return sum(node.op_type == "Conv" for node in onnx.load(str(path)).graph.node)
 
@@ -229,6 +277,25 @@ def test_model_factory(tmp_path: Path, run_cli: CliRun) -> None:
     report = json.loads(run_cli(*common, "--input-shape", "3,12,12", "--json").stdout)
     assert report["passed"] and report["training_checkpoint"]
     assert report["onnx_nodes"]["Conv"] == 2 and report["training_net"]["conv_layers"] == 6
+
+
+def test_repvgg_family_through_a_deploy_factory(tmp_path: Path, run_cli: CliRun) -> None:
+    source = tmp_path / "repvgg_mini.py"
+    source.write_text(REPVGG_SOURCE)
+    namespace: dict[str, Any] = {}
+    exec(compile(REPVGG_SOURCE, str(source), "exec"), namespace)
+    torch.manual_seed(1)
+    train = tmp_path / "rv.pth"
+    torch.save(randomise_bn_stats(namespace["make"](), 1).state_dict(), train)
+    out = tmp_path / "rv.onnx"
+    report = json.loads(
+        run_cli(
+            "export", train, out, "--model", f"{source}:make", "--input-shape", "3,16,16", "--json"
+        ).stdout
+    )
+    assert report["passed"] and report["training_checkpoint"]
+    assert report["training_net"]["conv_layers"] == 6 and report["onnx_nodes"]["Conv"] == 3
+    assert "Add" not in report["onnx_nodes"]  # the identity and 1x1 branches are inside
 
 
 def test_data_dependent_forward_fails_closed(tmp_path: Path, run_cli: CliRun) -> None:

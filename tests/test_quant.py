@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 CHECKPOINTS = sorted(
     p
-    for p in [*FIXTURES.glob("*.*"), *FIXTURES.glob("dialects/*.*"), *FIXTURES.glob("expected/*")]
+    for folder in ("", "dialects/", "families/", "expected/")
+    for p in FIXTURES.glob(f"{folder}*.*")
     if p.suffix in (".pth", ".hdf5", ".h5", ".safetensors")
     and not p.name.endswith(".io.safetensors")
 )
