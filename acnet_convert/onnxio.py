@@ -47,17 +47,18 @@ __all__ = [
 
 EXPORTER = "torch.onnx (dynamo=True, torch.export)"
 MIN_OPSET = 13
-_EXTRA_HINT = "pip install 'acnet-convert[export]' (onnx, onnxruntime, onnxscript)"
+_EXTRA_HINT = "pip install 'acnet-convert[export]' (torch, onnx, onnxruntime, onnxscript)"
 _QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript")
 
 
 def require_export_extra() -> None:
-    """Raise UsageError naming the extra to install when onnx, onnxruntime or onnxscript is missing."""
+    """Raise UsageError naming the extra to install when torch, onnx, onnxruntime or
+    onnxscript is missing."""
     import importlib.util
 
     missing = [
         name
-        for name in ("onnx", "onnxruntime", "onnxscript")
+        for name in ("torch", "onnx", "onnxruntime", "onnxscript")
         if importlib.util.find_spec(name) is None
     ]
     if missing:
