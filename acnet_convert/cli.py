@@ -855,7 +855,7 @@ def archs(as_json: bool) -> None:
     "--opset",
     type=int,
     default=None,
-    help="ONNX opset. [default: the exporter's, 20 with torch 2.13]",
+    help="ONNX opset, 14 or newer. [default: the exporter's, 20 with torch 2.13]",
 )
 @click.option("--dynamic-batch", is_flag=True, help="Make the batch axis symbolic.")
 @click.option(

@@ -431,6 +431,11 @@ def _export_and_check(
         )
     cases = _cases(tmp, nets, shape, options, rtols)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if options.opset is not None and opset != options.opset:
+        raise ACNetConvertError(
+            f"--opset {options.opset}: the exporter wrote opset {opset} instead (it could not "
+            "convert the graph); choose another opset, or leave --opset out"
+        )
     quant = quant_report(
         str(output),
         onnxio.conv_kernels(model),

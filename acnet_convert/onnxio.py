@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 EXPORTER = "torch.onnx (dynamo=True, torch.export)"
-MIN_OPSET = 13
+MIN_OPSET = 14  # below, torch 2.13's exporter silently keeps its own opset 18
 _EXTRA_HINT = "pip install 'acnet-convert[export]' (torch, onnx, onnxruntime, onnxscript)"
 _QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript")
 

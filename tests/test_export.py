@@ -380,14 +380,23 @@ def test_missing_network(trained: dict[str, Path], tmp_path: Path, run_cli: CliR
     assert list(tmp_path.iterdir()) == []
 
 
+def test_opset_is_the_one_asked_for(
+    trained: dict[str, Path], tmp_path: Path, run_cli: CliRun
+) -> None:
+    out = tmp_path / "o17.onnx"
+    run_cli("export", trained["cfqkbnc"], out, "--arch", "cfqkbnc", "--opset", "17")
+    model = onnx.load(str(out))
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+
+
 def test_bad_opset_is_a_usage_error(
     trained: dict[str, Path], tmp_path: Path, run_cli: CliRun
 ) -> None:
     result = run_cli(
-        "export", trained["cfqkbnc"], tmp_path / "x.onnx", "--arch", "cfqkbnc", "--opset", "7",
+        "export", trained["cfqkbnc"], tmp_path / "x.onnx", "--arch", "cfqkbnc", "--opset", "13",
         expect=2,
     )  # fmt: skip
-    _assert_one_line_error(result, "--opset 7")
+    _assert_one_line_error(result, "--opset 13", "from 14")
 
 
 def test_missing_extra_says_what_to_install(
