@@ -134,7 +134,7 @@ def _is_keras_archive(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError):
+    except (zipfile.BadZipFile, NotImplementedError, OSError, ValueError):  # damaged: not Keras
         return False
     return {"config.json", "model.weights.h5"} <= names
 
