@@ -386,9 +386,12 @@ def export_onnx(ckpt: Path, output: Path, options: ExportOptions = ExportOptions
     if shape is None:
         raise UsageError("--model needs --input-shape C,H,W to make the example and test batches")
     rtols = (DEFAULT_RTOL["float32"] if options.rtol is None else options.rtol, rtol_train)
+    label = nets.forms.label
     summaries = (
-        summarise_net(nets.deployed, shape),
-        summarise_net(nets.trained, shape) if nets.trained is not None else None,
+        summarise_net(nets.deployed, shape, options.batch, f"{label} (deployed net)"),
+        summarise_net(nets.trained, shape, options.batch, f"{label} (training net)")
+        if nets.trained is not None
+        else None,
     )
     try:
         with atomic_output(output) as tmp:

@@ -24,15 +24,23 @@ class NetSummary:
         return {"conv_layers": self.conv_layers, "params": self.params, "macs": self.macs}
 
 
-def summarise_net(net: nn.Module, input_shape: tuple[int, ...]) -> NetSummary:
-    """Count ``net``'s conv layers and parameters, and its MACs on one input of ``input_shape``.
+def summarise_net(
+    net: nn.Module, input_shape: tuple[int, ...], batch: int = 1, what: str = "the net"
+) -> NetSummary:
+    """Count ``net``'s conv layers and parameters, and its MACs per input of ``input_shape``.
 
     A conv's MACs are ``output elements * (in_channels / groups) * kh * kw``, a
     linear layer's ``output elements * in_features``; BN, activations and
-    pooling are not counted (what MAC tables usually list).
+    pooling are not counted (what MAC tables usually list). The forward runs on
+    ``batch`` zero inputs (a net may accept only the batch it is exported with).
+
+    Raises:
+        ACNetConvertError: the forward fails (named with ``what``).
     """
     import torch
     from torch import nn
+
+    from acnet_convert.verify.network import _run
 
     macs = 0
 
@@ -55,8 +63,8 @@ def summarise_net(net: nn.Module, input_shape: tuple[int, ...]) -> NetSummary:
     try:
         with torch.inference_mode():
             dtype = next((p.dtype for p in net.parameters()), torch.float32)
-            net(torch.zeros((1, *input_shape), dtype=dtype))
+            _run(net, torch.zeros((batch, *input_shape), dtype=dtype), what)
     finally:
         for hook in hooks:
             hook.remove()
-    return NetSummary(len(convs), sum(p.numel() for p in net.parameters()), macs)
+    return NetSummary(len(convs), sum(p.numel() for p in net.parameters()), macs // batch)

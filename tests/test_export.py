@@ -61,6 +61,22 @@ class Moody(nn.Module):
 
 def moody():
     return Moody()
+
+
+class FixedBatch(nn.Module):
+    """Reshapes to a batch of 2 whatever it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).reshape(2, -1))
+
+
+def fixed_batch():
+    return FixedBatch()
 '''
 
 
@@ -312,6 +328,21 @@ def test_data_dependent_forward_fails_closed(tmp_path: Path, run_cli: CliRun) ->
     _assert_one_line_error(result, "could not export", "data-dependent")
     assert list(tmp_path.iterdir()) and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_dynamic_batch_refuses_a_forward_that_fixes_it(tmp_path: Path, run_cli: CliRun) -> None:
+    source = tmp_path / "mine.py"
+    source.write_text(MODEL_SOURCE)
+    namespace: dict[str, Any] = {}
+    exec(compile(MODEL_SOURCE, str(source), "exec"), namespace)
+    plain = tmp_path / "fixed.pth"
+    torch.save(namespace["fixed_batch"]().state_dict(), plain)
+    out = tmp_path / "fixed.onnx"
+    args = ("export", plain, out, "--model", f"{source}:fixed_batch", "--input-shape", "3,8,8")
+    result = run_cli(*args, "--dynamic-batch", expect=3)
+    _assert_one_line_error(result, "--dynamic-batch", "fixes the batch at 2")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    run_cli(*args)  # a static graph of batch 2 is what this forward can do
 
 
 def test_mismatch_exits_1_and_writes_nothing(
