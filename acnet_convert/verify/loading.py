@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = []
+__all__ = ["NetForms", "load_deployed", "net_forms"]
 
 
 # Keys that never change what a net computes in eval mode: BN step counters, and
@@ -142,6 +142,76 @@ def _to_deploy_keys(
 
 
 @dataclass
+class NetForms:
+    """A network in training form (built, not loaded) and the deploy forms to try, in order.
+
+    ``deploy_forms`` maps a form's name (``deploy``, ``baseline``) to a builder;
+    ``train_hint`` is the advice for a checkpoint that does not fit the training form.
+    """
+
+    train: nn.Module
+    deploy_forms: list[tuple[str, Callable[[], nn.Module]]]
+    default_shape: tuple[int, ...] | None
+    label: str
+    train_hint: str
+    notes: list[str]
+
+
+def net_forms(options: VerifyOptions, arch: str | None) -> NetForms:
+    """The built-in architecture ``arch``, or ``options.model``'s factory, in its forms.
+
+    Shared by ``verify`` and ``export``. Raises UsageError for an unknown
+    architecture or a factory that cannot be imported or called.
+    """
+    from acnet_convert.nn import switch_to_deploy
+
+    notes: list[str] = []
+    if arch is not None:
+        from acnet_convert import zoo
+
+        spec = _arch_spec(arch)
+        return NetForms(
+            train=zoo.build_arch(arch, "train"),
+            deploy_forms=[
+                ("deploy", lambda: zoo.build_arch(arch, "deploy")),
+                ("baseline", lambda: zoo.build_arch(arch, "baseline")),
+            ],
+            default_shape=tuple(spec.input_shape),
+            label=f"the built-in architecture '{arch}'",
+            train_hint="is --arch right? Without --arch, verify checks block by block",
+            notes=notes,
+        )
+    model = options.model or ""
+    factory = _load_factory(model)
+    kwargs = dict(options.model_args)
+    train_net = _call_factory(factory, model, kwargs)
+    if _takes_deploy(factory):
+        forms = [("deploy", lambda: _call_factory(factory, model, {**kwargs, "deploy": True}))]
+    else:
+
+        def derived() -> nn.Module:
+            net = copy.deepcopy(train_net)
+            report = switch_to_deploy(net)
+            if report.count == 0:
+                notes.append(
+                    "the model has no block (no module with square_conv, hor_conv "
+                    "and ver_conv); "
+                    "its deployed form is the model itself"
+                )
+            return net
+
+        forms = [("deploy", derived)]
+    return NetForms(
+        train=train_net,
+        deploy_forms=forms,
+        default_shape=None,
+        label=f"the model from --model '{model}'",
+        train_hint="does --model build the network TRAIN was trained with (check --model-arg)?",
+        notes=notes,
+    )
+
+
+@dataclass
 class _Nets:
     train: nn.Module
     deployed: nn.Module
@@ -159,130 +229,91 @@ def _build_nets(
     dtype: torch.dtype,
 ) -> _Nets:
     """Both nets, in ``dtype`` on the CPU, with TRAIN and FUSED loaded strictly."""
-    from acnet_convert.nn import switch_to_deploy
-
-    notes: list[str] = []
     train_state = _state_dict(train)
     fused_state = _state_dict(fused)
-    deploy_forms: list[tuple[str, Callable[[], nn.Module]]]
-    if arch is not None:
-        from acnet_convert import zoo
-
-        spec = _arch_spec(arch)
-        label = f"the built-in architecture '{arch}'"
-        train_net = zoo.build_arch(arch, "train")
-        default_shape: tuple[int, ...] | None = tuple(spec.input_shape)
-        deploy_forms = [
-            ("deploy", lambda: zoo.build_arch(arch, "deploy")),
-            ("baseline", lambda: zoo.build_arch(arch, "baseline")),
-        ]
-        train_hint = "is --arch right? Without --arch, verify checks block by block"
-    else:
-        model = options.model or ""
-        factory = _load_factory(model)
-        kwargs = dict(options.model_args)
-        label = f"the model from --model '{model}'"
-        train_net = _call_factory(factory, model, kwargs)
-        default_shape = None
-        train_hint = "does --model build the network TRAIN was trained with (check --model-arg)?"
-        if _takes_deploy(factory):
-            deploy_forms = [
-                ("deploy", lambda: _call_factory(factory, model, {**kwargs, "deploy": True}))
-            ]
-        else:
-
-            def derived() -> nn.Module:
-                net = copy.deepcopy(train_net)
-                report = switch_to_deploy(net)
-                if report.count == 0:
-                    notes.append(
-                        "the model has no block (no module with square_conv, hor_conv "
-                        "and ver_conv); "
-                        "its deployed form is the model itself"
-                    )
-                return net
-
-            deploy_forms = [("deploy", derived)]
-
+    forms = net_forms(options, arch)
     fused_keys = [k for k in train_state if k.endswith("fused_conv.weight")]
     if fused_keys and not any("square" in k for k in train_state):
         raise BadCheckpointError(
             f"{train.path}: holds fused weights (e.g. '{fused_keys[0]}'), not training-time "
             "branches; give the training checkpoint first: verify TRAIN FUSED"
         )
+    train_net = forms.train
     train_net.to(dtype=dtype)
     _set_eps(train_net, options.eps)
-    _load_strict(train_net, train_state, str(train.path), f"{label} (training form)", train_hint)
+    _load_strict(
+        train_net, train_state, str(train.path), f"{forms.label} (training form)", forms.train_hint
+    )
+    deployed, layout = load_deployed(
+        forms,
+        fused_state,
+        str(fused.path),
+        options,
+        dtype,
+        train,
+        "was FUSED fused from TRAIN, without --rename? Without --arch/--model, verify checks "
+        "it block by block",
+    )
+    return _Nets(train_net, deployed, layout, forms.default_shape, forms.label, forms.notes)
 
+
+def load_deployed(
+    forms: NetForms,
+    fused_state: Mapping[str, torch.Tensor],
+    fused_path: str,
+    options: VerifyOptions,
+    dtype: torch.dtype,
+    train: CheckpointReader | None,
+    hint: str,
+) -> tuple[nn.Module, str]:
+    """The first deploy form whose keys FUSED fits, loaded strictly, and FUSED's layout.
+
+    With TRAIN given, a FUSED in a baseline layout is rewritten into the
+    deploy form's keys where no form takes it as it is. A misfit raises
+    BadCheckpointError naming the keys of the closest form, and ``hint``.
+    """
     wanted = options.layout
     built: dict[str, nn.Module] = {}
 
     def form_net(form: str) -> nn.Module:
         if form not in built:
-            built[form] = dict(deploy_forms)[form]()
+            built[form] = dict(forms.deploy_forms)[form]()
         return built[form]
 
-    forms = [form for form, _ in deploy_forms]
-    for form in forms if wanted == "auto" else [f for f in forms if f == wanted]:
+    def finish(form: str, state: Mapping[str, torch.Tensor]) -> nn.Module:
+        deployed = form_net(form)
+        deployed.to(dtype=dtype)
+        _set_eps(deployed, options.eps)
+        _load_strict(
+            deployed,
+            state,
+            fused_path,
+            f"{forms.label} ({form} form)",
+            "was FUSED fused from TRAIN?",
+        )
+        return deployed
+
+    names = [form for form, _ in forms.deploy_forms]
+    for form in names if wanted == "auto" else [f for f in names if f == wanted]:
         if not any(_key_misfit(form_net(form), fused_state)):
-            return _finish(
-                train_net,
-                form_net(form),
-                form,
-                form,
-                default_shape,
-                label,
-                notes,
-                fused_state,
-                fused,
-                options,
-                dtype,
-            )
-    rewritten = _to_deploy_keys(train, fused_state, options) if wanted != "deploy" else None
+            return finish(form, fused_state), form
+    rewritten = (
+        _to_deploy_keys(train, fused_state, options)
+        if wanted != "deploy" and train is not None
+        else None
+    )
     if rewritten is not None and not any(_key_misfit(form_net("deploy"), rewritten[1])):
         layout, state = rewritten
-        notes.append(f"FUSED is in the {layout} layout; its convs were loaded into the deploy form")
-        return _finish(
-            train_net,
-            form_net("deploy"),
-            "deploy",
-            layout,
-            default_shape,
-            label,
-            notes,
-            state,
-            fused,
-            options,
-            dtype,
+        forms.notes.append(
+            f"FUSED is in the {layout} layout; its convs were loaded into the deploy form"
         )
-    closest = min(forms, key=lambda f: sum(len(x) for x in _key_misfit(form_net(f), fused_state)))
+        return finish("deploy", state), layout
+    closest = min(names, key=lambda f: sum(len(x) for x in _key_misfit(form_net(f), fused_state)))
     _load_strict(
         form_net(closest),
         fused_state,
-        str(fused.path),
-        f"{label} ({' or '.join(forms)} form)",
-        "was FUSED fused from TRAIN, without --rename? Without --arch/--model, verify checks "
-        "it block by block",
+        fused_path,
+        f"{forms.label} ({' or '.join(names)} form)",
+        hint,
     )
     raise AssertionError("unreachable: _load_strict raises on a misfit")  # pragma: no cover
-
-
-def _finish(
-    train_net: nn.Module,
-    deployed: nn.Module,
-    form: str,
-    layout: str,
-    default_shape: tuple[int, ...] | None,
-    label: str,
-    notes: list[str],
-    state: Mapping[str, torch.Tensor],
-    fused: CheckpointReader,
-    options: VerifyOptions,
-    dtype: torch.dtype,
-) -> _Nets:
-    deployed.to(dtype=dtype)
-    _set_eps(deployed, options.eps)
-    _load_strict(
-        deployed, state, str(fused.path), f"{label} ({form} form)", "was FUSED fused from TRAIN?"
-    )
-    return _Nets(train_net, deployed, layout, default_shape, label, notes)
