@@ -149,7 +149,7 @@ def _fuse_options(
     rename: Sequence[str],
     trust_pickle: bool,
     *,
-    fold_bn: bool = False,
+    fold_bn: bool | None = None,
     allow_unfused: bool = False,
 ) -> Any:
     from acnet_convert.plan import FuseOptions
@@ -234,10 +234,11 @@ def _details(report: Any) -> list[str]:
 )
 @click.option("--dry-run", is_flag=True, help="Show what would be written, write nothing.")
 @click.option(
-    "--fold-bn",
-    is_flag=True,
+    "--fold-bn/--no-fold-bn",
+    default=None,
     help="Also fold every plain conv followed by its own BN (<b>.conv + <b>.bn, "
-    "<b>.<i> + <b>.<i+1>) into the conv's weight and bias.",
+    "<b>.<i> + <b>.<i+1>) into the conv's weight and bias, or never. Default: as the "
+    "families' deploy nets do (DBB's fold them; the others' do not).",
 )
 @click.option(
     "--allow-unfused",
@@ -276,7 +277,7 @@ def fuse(
     patterns: Path | None,
     rename: tuple[str, ...],
     dry_run: bool,
-    fold_bn: bool,
+    fold_bn: bool | None,
     allow_unfused: bool,
     out_dir: Path | None,
     jobs: int,

@@ -99,6 +99,9 @@ class Dialect:
     ``HWIO`` (Keras): ``kernel_order`` says which (``kernel_layout`` is its old name;
     "layout" now means only the output key naming, see :data:`acnet_convert.plan.LAYOUTS`).
     ``default_eps`` is the BN epsilon of the framework the dialect comes from.
+    ``deploy_folds_bn``: the family's deploy nets also fold their plain conv+BN
+    units into ``conv.{weight,bias}`` (DBB's ``ConvBN``), so ``--fold-bn`` is on
+    by default for a file whose blocks are all of such families.
 
     The generic dialect has no anchor and no branch templates (``None``):
     it finds blocks by kernel shape.
@@ -120,6 +123,7 @@ class Dialect:
     family: str = "acnet"
     exclusive: bool = True
     requires_any: tuple[str, ...] = ()
+    deploy_folds_bn: bool = False
     validate: Callable[[Any], str | None] | None = field(default=None, compare=False)
 
     @property

@@ -20,6 +20,7 @@ from acnet_convert.checkpoint import CheckpointReader, TensorInfo
 from acnet_convert.checkpoint.rawio import array_bytes
 from acnet_convert.dialects import FAMILIES, BlockSpec, Detection, Dialect, find_blocks
 from acnet_convert.errors import NoBlockFound, UnfusableBlockError, UsageError
+from acnet_convert.families import family_title
 from acnet_convert.families.convbn import FOLD_BN, fold_units
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "FusionPlan",
     "NamingOptions",
     "PlannedBlock",
+    "deploy_folds_bn",
     "plan_fusion",
     "plan_notes",
 ]
@@ -43,14 +45,15 @@ class NamingOptions:
     ``dialect`` forces a family or dialect; ``extra_dialects`` come from
     ``--patterns``; ``renames`` are ``(regex, replacement)`` pairs applied to
     output names; ``eps`` None means each family's default (or the file's).
-    ``fold_bn`` also folds plain conv+BN units.
+    ``fold_bn`` also folds plain conv+BN units (True), never (False), or as the
+    families' deploy nets do (None: DBB's fold them, the others' do not).
     """
 
     dialect: str | None = None
     extra_dialects: tuple[Dialect, ...] = ()
     renames: tuple[tuple[str, str], ...] = ()
     eps: float | None = None
-    fold_bn: bool = False
+    fold_bn: bool | None = None
 
     def fuse_options(self, **other: Any) -> FuseOptions:
         """:class:`FuseOptions` with these naming options (and ``other`` fields)."""
@@ -82,7 +85,7 @@ class FuseOptions:
     trust_pickle: bool = False
     seed: int = 0
     allow_unfused: bool = False
-    fold_bn: bool = False
+    fold_bn: bool | None = None  # None: as the families' deploy nets do
 
     @property
     def naming(self) -> NamingOptions:
@@ -130,6 +133,9 @@ class FusionPlan:
     dialects: tuple[Dialect, ...] = ()
     # tensors that look like unfused training-time parts (passed through with --allow-unfused)
     suspects: tuple[Suspect, ...] = ()
+    # plain conv+BN units were folded; by_default: the families whose deploy nets fold them
+    fold_bn: bool = False
+    fold_bn_by_default: tuple[str, ...] = ()
 
     @property
     def dialect_names(self) -> str:
@@ -199,6 +205,15 @@ def _default_eps(own: Dialect, detection: Detection) -> float:
     return own.default_eps
 
 
+def deploy_folds_bn(detection: Detection) -> tuple[str, ...]:
+    """The families present whose deploy nets fold plain conv+BN units, when every one does."""
+    used = {b.dialect for b in detection.blocks}
+    families = {d.family: d.deploy_folds_bn for d in detection.dialects if d.name in used}
+    if not families or not all(families.values()):
+        return ()
+    return tuple(sorted(families))
+
+
 def _detect(
     reader: CheckpointReader, options: FuseOptions, same: Callable[[str, str], bool]
 ) -> tuple[Detection, list[BlockSpec]]:
@@ -216,7 +231,8 @@ def _detect(
     )
     blocks = (*detection.blocks, *(a.block for a in detection.aliases))
     taken = {k for b in blocks for k in b.keys()}  # noqa: SIM118 - BlockSpec.keys()
-    units = fold_units(infos, taken) if options.fold_bn else []
+    fold = options.fold_bn if options.fold_bn is not None else bool(deploy_folds_bn(detection))
+    units = fold_units(infos, taken) if fold else []
     if (detection.dialect is None or not detection.blocks) and not units:
         raise NoBlockFound(
             f"{source}: no ACNet block found among {len(infos)} tensors (no key like "
@@ -333,6 +349,7 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
     infos = reader.tensors
     same = _same_tensor(reader)
     detection, specs = _detect(reader, options, same)
+    folds = deploy_folds_bn(detection)
     dialect = detection.dialect or FOLD_BN
     eps = options.eps if options.eps is not None else dialect.default_eps
     if not eps >= 0:
@@ -380,6 +397,8 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
         eps_overridden=overridden,
         dialects=detection.dialects,
         suspects=suspects,
+        fold_bn=bool(folds) if options.fold_bn is None else options.fold_bn,
+        fold_bn_by_default=folds if options.fold_bn is None else (),
     )
 
 
@@ -449,7 +468,15 @@ def plan_notes(plan: FusionPlan) -> tuple[str, ...]:
             f"{len(plan.eps_overridden)} BN(s) (e.g. {declared:g} for '{key}')"
         )
     folded = [b for b in plan.blocks if b.spec.family == FOLD_BN.family]
-    if folded:
+    if folded and plan.fold_bn_by_default:
+        titles = "/".join(family_title(f) for f in plan.fold_bn_by_default)
+        notes.append(
+            f"folded {len(folded)} plain conv+BN unit{'s' if len(folded) > 1 else ''} into conv "
+            f"weight + bias ({', '.join(repr(b.spec.label) for b in folded[:3])}"
+            f"{', ...' if len(folded) > 3 else ''}) by default: {titles} deploy nets fold them; "
+            "--no-fold-bn keeps them"
+        )
+    elif folded:
         notes.append(
             f"--fold-bn: folded {len(folded)} conv+BN unit{'s' if len(folded) > 1 else ''} into "
             f"conv weight + bias ({', '.join(repr(b.spec.label) for b in folded[:3])}"

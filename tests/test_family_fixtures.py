@@ -40,6 +40,8 @@ FAMILIES = ("dbb", "repvgg", "mobileone", "repconv", "timm", "replknet")
 ALL = (*FAMILIES, "mixed_acnet_repvgg")
 DEPLOY_NAMES = ("dbb_reparam", "rbr_reparam", "reparam_conv", "lkb_reparam", "fused_conv")
 FLOAT32_RTOL = 1e-5
+# families whose deploy nets fold their plain conv+BN units (what fuse does by default for them)
+FOLDS_BY_DEFAULT = ("dbb",)
 FLOAT64_RTOL = 1e-10
 
 
@@ -75,9 +77,10 @@ def _io(name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _deployed_output(
-    name: str, fused: dict[str, torch.Tensor], fold_bn: bool = False
+    name: str, fused: dict[str, torch.Tensor], fold_bn: bool | None = None
 ) -> torch.Tensor:
-    deployed = mff.build(name, deploy=True, fold_bn=fold_bn).double().eval()
+    fold = name in FOLDS_BY_DEFAULT if fold_bn is None else fold_bn
+    deployed = mff.build(name, deploy=True, fold_bn=fold).double().eval()
     deployed.load_state_dict({k: v.double() for k, v in fused.items()}, strict=True)
     with torch.no_grad():
         out: torch.Tensor = deployed(_io(name)[0])
@@ -157,10 +160,12 @@ def test_inspect_shows_the_blocks(name: str, run_cli) -> None:
     result = run_cli("inspect", FIXTURES / "families" / f"{name}.safetensors", "--json")
     report = json.loads(result.stdout)
     assert report["schema"] == 1
-    shown = {block["block"] for block in report["blocks"]}
+    shown = {block["block"] for block in report["blocks"] if block["family"] != "conv-bn"}
     assert shown == _block_prefixes(name)
+    folded = {block["block"] for block in report["blocks"] if block["family"] == "conv-bn"}
+    assert folded == ({"stem.conv", "proj.conv"} if name in FOLDS_BY_DEFAULT else set())
     text = run_cli("inspect", FIXTURES / "families" / f"{name}.safetensors").stdout
-    assert f"{len(shown)} blocks" in text
+    assert f"{len(shown) + len(folded)} blocks" in text
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -190,7 +195,7 @@ def test_verify_checks_every_block(name: str, tmp_path: Path, run_cli) -> None:
 def test_fuse_and_load_reaches_every_family(name: str) -> None:
     from acnet_convert.api import fuse_and_load
 
-    deployed = mff.build(name, deploy=True).double().eval()
+    deployed = mff.build(name, deploy=True, fold_bn=name in FOLDS_BY_DEFAULT).double().eval()
     fuse_and_load(deployed, FIXTURES / "families" / f"{name}.safetensors")
     x, reference = _io(name)
     with torch.no_grad():
@@ -280,3 +285,43 @@ def test_incomplete_branch_is_refused(name: str, removed: str, tmp_path: Path, r
     assert not out.exists()
     block = removed.split(".dbb_")[0].split(".rbr_")[0].split(".conv_")[0].split(".small_conv")[0]
     assert f"'{block}" in result.stderr, result.stderr
+
+
+def test_dbb_folds_its_plain_units_by_default(tmp_path: Path, run_cli) -> None:
+    """DBB's deploy nets (DEPLOY_FLAG) build each plain ConvBN as one conv with a bias: default
+    options write exactly that net; --no-fold-bn keeps the conv+BN units."""
+    source = FIXTURES / "families" / "dbb.safetensors"
+    out = tmp_path / "fused.safetensors"
+    report = json.loads(run_cli("fuse", source, out, "--json").stdout)
+    fused = _load_plainly(out)
+    assert set(fused) == set(mff.build("dbb", deploy=True, fold_bn=True).state_dict())
+    rel = _rel(_deployed_output("dbb", fused, fold_bn=True), _io("dbb")[1])
+    assert rel <= FLOAT32_RTOL, rel
+    note = next(n for n in report["notes"] if "by default" in n)
+    assert "DBB deploy nets fold them" in note and "--no-fold-bn" in note
+    run_cli("verify", source, out, "--blocks")
+
+    kept = tmp_path / "kept.safetensors"
+    run_cli("fuse", source, kept, "--no-fold-bn", "--quiet")
+    plain = _load_plainly(kept)
+    assert set(plain) == set(mff.build("dbb", deploy=True).state_dict())
+    assert _rel(_deployed_output("dbb", plain, fold_bn=False), _io("dbb")[1]) <= FLOAT32_RTOL
+    run_cli("verify", source, kept, "--blocks")
+
+
+def test_a_mixed_file_folds_only_when_every_family_asks(tmp_path: Path, run_cli) -> None:
+    """DBB blocks beside a RepVGG block: RepVGG's deploy nets keep conv+BN, so nothing folds."""
+    sd = load_file(str(FIXTURES / "families" / "dbb.safetensors"))
+    sd.update(
+        {
+            f"head.{k}": v
+            for k, v in load_file(str(FIXTURES / "families" / "repvgg.safetensors")).items()
+        }
+    )
+    source = tmp_path / "mixed.safetensors"
+    save_file(sd, str(source))
+    out = tmp_path / "fused.safetensors"
+    report = json.loads(run_cli("fuse", source, out, "--json").stdout)
+    assert "conv-bn" not in {b["family"] for b in report["blocks"]}
+    assert not any("by default" in n for n in report["notes"])
+    assert "stem.bn.running_var" in load_file(str(out))

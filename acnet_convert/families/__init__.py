@@ -21,7 +21,7 @@ from acnet_convert.families import (
 )
 from acnet_convert.naming import Dialect
 
-__all__ = ["ACNET_DIALECTS", "ALL_DIALECTS", "FAMILIES", "GENERIC"]
+__all__ = ["ACNET_DIALECTS", "ALL_DIALECTS", "FAMILIES", "GENERIC", "family_title"]
 
 _MODULES = (acnet, paddleslim, dbb, repvgg, repconv, mobileone, timm, replknet)
 
@@ -31,3 +31,20 @@ ACNET_DIALECTS: tuple[Dialect, ...] = acnet.DIALECTS
 GENERIC = acnet.GENERIC
 
 FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(d.family for d in ALL_DIALECTS))
+
+_TITLES = {
+    "acnet": "ACNet",
+    "paddleslim": "PaddleSlim ACBlock",
+    "dbb": "DBB",
+    "repvgg": "RepVGG",
+    "repconv": "RepConv (YOLOv7)",
+    "mobileone": "MobileOne",
+    "timm": "timm ByobNet",
+    "replknet": "RepLKNet",
+    "conv-bn": "conv+BN",
+}
+
+
+def family_title(family: str) -> str:
+    """How people write a family's name ('dbb' -> 'DBB'); a user family keeps its own."""
+    return _TITLES.get(family, family)

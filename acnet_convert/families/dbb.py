@@ -6,7 +6,8 @@ with its own bias, stored nested as ``bn.bn.*`` — then a kxk average pool and
 ``avgbn``; when depthwise no conv); ``dbb_1x1_kxk`` (``idconv1``, a 1x1 whose
 effective kernel is its weight plus an identity that is not stored, or a plain
 ``conv1``; ``bn1`` (padding BN, nested); ``conv2`` kxk; ``bn2``). Deploy:
-``dbb_reparam``. Groups follow from shapes (intermediate width / conv2's in-channels).
+``dbb_reparam``; DBB's deploy nets also fold their plain ``ConvBN`` units
+(``conv`` + ``bn`` -> ``conv.{weight,bias}``), so those fold by default. Groups follow from shapes (intermediate width / conv2's in-channels).
 """
 
 from __future__ import annotations
@@ -69,5 +70,7 @@ DIALECTS = (
         fused_weight="{p}dbb_reparam.weight",
         fused_bias="{p}dbb_reparam.bias",
         label="{p}",
+        # DEPLOY_FLAG nets build every plain ConvBN unit as one conv with a bias
+        deploy_folds_bn=True,
     ),
 )

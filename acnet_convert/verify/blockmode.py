@@ -65,7 +65,7 @@ def naming_for(
         extra_dialects=tuple(options.extra_dialects),
         renames=renames,
         eps=eps,
-        fold_bn=provenance.get("acnet_convert.fold_bn") == "true",
+        fold_bn={"true": True, "false": False}.get(provenance.get("acnet_convert.fold_bn", "")),
     )
 
 
