@@ -20,6 +20,7 @@ import numpy as np
 from acnet_convert import dtypes
 from acnet_convert.checkpoint.base import TensorInfo
 from acnet_convert.errors import UnfusableBlockError
+from acnet_convert.families import family_title
 from acnet_convert.fusion import BlockTensors, BNStats, Branch
 from acnet_convert.kinds import streamable
 from acnet_convert.naming import BlockSpec, BNSpec, BranchSpec
@@ -131,11 +132,42 @@ class _Checker:
 
     def info(self, key: str, hint: str = "") -> TensorInfo:
         if key not in self.infos:
-            raise self.fail(f"'{key}' is missing{hint}")
+            raise self.fail(self.missing(key) if hint == _HINT else f"'{key}' is missing{hint}")
         info = self.infos[key]
         if info.dtype not in dtypes.FLOAT_DTYPES:
             raise self.fail(f"'{key}' has dtype {info.dtype}; weights must be floating point")
         return info
+
+    def short(self, key: str) -> str:
+        """A key relative to the block's prefix, as the family's names read."""
+        p = self.spec.fields.get("p") or ""
+        return key[len(p) :] if p and key.startswith(p) else key
+
+    def looks_fused(self) -> bool:
+        """No BN tensor of the block is left, or its fused conv is there too."""
+        spec = self.spec
+        branches = [*spec.all_branches, *(b.pre for b in spec.all_branches if b.pre)]
+        bns = [k for b in branches if b.bn for k in b.bn.keys()]  # noqa: SIM118
+        bns += list(spec.last_bn.keys()) if spec.last_bn else []
+        if spec.fused_weight != spec.square.weight and spec.fused_weight in self.infos:
+            return True
+        return not any(k in self.infos for k in bns)
+
+    def missing(self, key: str) -> str:
+        """What a missing key means: a fused block, or what was found of an incomplete one."""
+        if self.looks_fused():
+            return f"'{key}' is missing{_HINT}"
+        branch = next((b for b in self.spec.all_branches if key in b.keys()), None)  # noqa: SIM118
+        near = [k for k in (branch.keys() if branch else ()) if k in self.infos]
+        where = f"its branch '{branch.role}' has " if near and branch and branch.role else ""
+        near = near or [k for k in self.spec.keys() if k in self.infos]  # noqa: SIM118
+        shown = ", ".join(f"'{self.short(k)}'" for k in near[:3])
+        more = f" and {len(near) - 3} more" if len(near) > 3 else ""
+        return (
+            f"these look like {family_title(self.spec.family)} tensors without "
+            f"'{self.short(key)}' ({where}{shown}{more}): an incomplete block, not a fused one "
+            f"('{key}' is missing). Try 'acnet-convert inspect'"
+        )
 
     def kernel(self, key: str) -> tuple[int, ...]:
         shape = _oihw(self.info(key, _HINT).shape, self.layout)
@@ -199,14 +231,7 @@ def _check_branch(c: _Checker, b: BranchSpec, target: tuple[int, ...]) -> int | 
     if b.kind == "conv" and b.weight is not None:
         c.fits(b.weight, c.kernel(b.weight), target, b.dilation)
     elif b.kind == "identity":
-        if b.bn is None:
-            raise c.fail(f"the identity branch '{b.role}' has no BatchNorm tensors")
-        if out_ch % in_pg or kh % 2 == 0 or kw % 2 == 0:
-            raise c.fail(
-                f"identity branch '{b.bn.var}' beside a primary conv {list(target)}: an identity "
-                "needs in == out channels and an odd kernel, which these shapes rule out"
-            )
-        return out_ch // in_pg
+        return _check_identity(c, b, target)
     elif b.kind == "avg":
         if b.pre is not None and b.pre.weight is not None:
             c.fits(b.pre.weight, c.kernel(b.pre.weight), (out_ch, in_pg, 1, 1), 1)
@@ -218,6 +243,28 @@ def _check_branch(c: _Checker, b: BranchSpec, target: tuple[int, ...]) -> int | 
     elif b.kind == "seq" and b.weight is not None and b.pre is not None and b.pre.weight:
         return _check_seq(c, b, target)
     return None
+
+
+def _check_identity(c: _Checker, b: BranchSpec, target: tuple[int, ...]) -> int:
+    out_ch, in_pg, kh, kw = target
+    title = family_title(c.spec.family)
+    if b.bn is None:
+        raise c.fail(f"the {title} identity branch '{b.role}' has no BatchNorm tensors")
+    width = c.infos[b.bn.mean].shape if b.bn.mean in c.infos else (out_ch,)
+    if out_ch % in_pg or width != (out_ch,):
+        found = f"its BN has {list(width)} channels, " if width != (out_ch,) else ""
+        raise c.fail(
+            f"{title} identity branch '{c.short(b.bn.var).rpartition('.')[0] or b.role}' with "
+            f"in != out: {found}the primary conv '{c.short(c.spec.square.first_key)}' is "
+            f"{list(target)} ({out_ch} outputs, {in_pg} inputs per group); an identity needs "
+            "in == out channels"
+        )
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise c.fail(
+            f"{title} identity branch '{b.role}' beside an even {kh}x{kw} primary kernel: an "
+            "identity needs an odd kernel"
+        )
+    return out_ch // in_pg
 
 
 def _check_seq(c: _Checker, b: BranchSpec, target: tuple[int, ...]) -> int:

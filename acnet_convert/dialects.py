@@ -73,6 +73,7 @@ __all__ = [
     "bn_names",
     "find_blocks",
     "get_dialect",
+    "incomplete_sequences",
     "template_fields",
 ]
 
@@ -240,6 +241,25 @@ def _blocks_of(dialect: Dialect, keys: Mapping[str, object]) -> list[BlockSpec]:
             )
         )
     return found
+
+
+def incomplete_sequences(
+    dialect: Dialect, spec: BlockSpec, keys: Mapping[str, object]
+) -> list[tuple[str, tuple[str, ...]]]:
+    """Sequential branches of ``spec`` whose second conv is there without any first conv:
+    (the second conv's key, the first-conv keys the dialect knows) for each."""
+    taken = set(spec.keys())
+    found: dict[str, list[str]] = {}
+    for names in (*(dialect.branches or ()), *dialect.extra_branches):
+        pre = names.pre
+        if names.kind != "seq" or not names.weight or pre is None or not pre.weight:
+            continue
+        if names.repeat_from is not None:
+            continue
+        weight = names.weight.format(**spec.fields)
+        if weight in keys and weight not in taken:
+            found.setdefault(weight, []).append(pre.weight.format(**spec.fields))
+    return [(k, tuple(v)) for k, v in found.items()]
 
 
 SameTensor = Callable[[str, str], bool]

@@ -18,7 +18,14 @@ from acnet_convert.accounting import Suspect, find_suspects, suspects_message
 from acnet_convert.blocks import BlockGeometry, block_geometry
 from acnet_convert.checkpoint import CheckpointReader, TensorInfo
 from acnet_convert.checkpoint.rawio import array_bytes
-from acnet_convert.dialects import FAMILIES, BlockSpec, Detection, Dialect, find_blocks
+from acnet_convert.dialects import (
+    FAMILIES,
+    BlockSpec,
+    Detection,
+    Dialect,
+    find_blocks,
+    incomplete_sequences,
+)
 from acnet_convert.errors import NoBlockFound, UnfusableBlockError, UsageError
 from acnet_convert.families import family_title
 from acnet_convert.families.convbn import FOLD_BN, fold_units
@@ -245,6 +252,21 @@ def _detect(
     return detection, specs
 
 
+def _refuse_incomplete_sequences(
+    own: Dialect, spec: BlockSpec, infos: Mapping[str, TensorInfo], source: str
+) -> None:
+    """A sequential branch's kxk conv without its 1x1: say so (it is no unknown branch)."""
+    p = spec.fields.get("p") or ""
+    for second, firsts in incomplete_sequences(own, spec, infos):
+        short = [k[len(p) :] if p and k.startswith(p) else k for k in (second, *firsts)]
+        raise UnfusableBlockError(
+            f"{source}: block '{spec.label}': these look like {family_title(spec.family)} "
+            f"tensors without {' or '.join(repr(k) for k in short[1:])}: '{short[0]}' is there "
+            "but not the first conv of its branch; an incomplete block, not a fused one. "
+            "Try 'acnet-convert inspect'"
+        )
+
+
 def _plan_blocks(
     specs: Sequence[BlockSpec],
     detection: Detection,
@@ -263,6 +285,7 @@ def _plan_blocks(
             owner.update(dict.fromkeys(dropped_alias.block.keys(), _DROPPED))
     for spec in specs:
         own = FOLD_BN if spec.family == FOLD_BN.family else detection.dialect_of(spec)
+        _refuse_incomplete_sequences(own, spec, infos, source)
         geometry = block_geometry(spec, infos, source, own.kernel_order, own.validate)
         for key in spec.keys():  # noqa: SIM118 - BlockSpec.keys(), not a dict
             if key in owner:

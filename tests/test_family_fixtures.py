@@ -285,6 +285,48 @@ def test_incomplete_branch_is_refused(name: str, removed: str, tmp_path: Path, r
     assert not out.exists()
     block = removed.split(".dbb_")[0].split(".rbr_")[0].split(".conv_")[0].split(".small_conv")[0]
     assert f"'{block}" in result.stderr, result.stderr
+    # the siblings prove the block is not fused: the message says what was found instead
+    title = TITLES[name]
+    assert f"these look like {title} tensors without '{removed[len(block) + 1 :]}" in result.stderr
+    assert "not a fused one" in result.stderr and "already fused" not in result.stderr
+
+
+TITLES = {
+    "dbb": "DBB",
+    "repvgg": "RepVGG",
+    "mobileone": "MobileOne",
+    "repconv": "RepConv (YOLOv7)",
+    "timm": "timm ByobNet",
+    "replknet": "RepLKNet",
+}
+
+
+def test_a_block_beside_its_fused_conv_still_asks_whether_it_is_fused(
+    tmp_path: Path, run_cli
+) -> None:
+    """A RepVGG block whose rbr_reparam is in the file too: that may be a half-fused file."""
+    sd = load_file(str(FIXTURES / "families" / "repvgg.safetensors"))
+    sd["stage1.rbr_reparam.weight"] = sd["stage1.rbr_dense.conv.weight"].clone()
+    sd["stage1.rbr_reparam.bias"] = sd["stage1.rbr_dense.bn.bias"].clone()
+    del sd["stage1.rbr_1x1.conv.weight"]
+    source = tmp_path / "half.safetensors"
+    save_file(sd, str(source))
+    result = run_cli("fuse", source, tmp_path / "o.safetensors", expect=3)
+    assert "'stage1.rbr_1x1.conv.weight' is missing" in result.stderr, result.stderr
+    assert "is this checkpoint already fused?" in result.stderr
+
+
+def test_repvgg_identity_with_in_not_out_says_so(tmp_path: Path, run_cli) -> None:
+    sd = load_file(str(FIXTURES / "families" / "repvgg.safetensors"))
+    stem = "stage1.rbr_identity."
+    width = sd[stem + "running_var"].shape[0]
+    for part in ("weight", "bias", "running_mean", "running_var"):
+        sd[stem + part] = sd[stem + part][: width // 2].clone()
+    source = tmp_path / "odd.safetensors"
+    save_file(sd, str(source))
+    result = run_cli("fuse", source, tmp_path / "o.safetensors", expect=3)
+    assert "RepVGG identity branch 'rbr_identity' with in != out" in result.stderr, result.stderr
+    assert f"its BN has [{width // 2}] channels" in result.stderr
 
 
 def test_dbb_folds_its_plain_units_by_default(tmp_path: Path, run_cli) -> None:
