@@ -356,8 +356,8 @@ def test_repvgg_identity_with_in_not_out_is_refused(tmp_path: Path, run_cli: Any
     src = tmp_path / "bad.safetensors"
     save_file(sd, str(src))
     result = run_cli("fuse", src, tmp_path / "o.safetensors", expect=3)
-    assert "identity branch 'b.rbr_identity.running_var'" in result.stderr
-    assert "in == out" in result.stderr
+    assert "RepVGG identity branch 'rbr_identity' with in != out" in result.stderr
+    assert "'rbr_dense.conv.weight' is [6, 4, 3, 3]" in result.stderr
     assert not (tmp_path / "o.safetensors").exists()
 
 
