@@ -10,8 +10,15 @@ that was fused without it:
 * a BN-like group (torch ``running_mean/var``, Paddle dygraph
   ``_mean/_variance``, Paddle fluid ``<stem>_mean/_variance``, Keras
   ``moving_*``) inside a fused block's module with the block's width;
-* a bit-identical copy of a tensor a block consumed, under another name
-  (a ModuleList registering the branch modules again).
+* a bit-identical copy of a tensor a block consumed, under another name,
+  that is not a whole second registration of the block's branches.
+
+A second registration (a ModuleList holding a block's branch modules again,
+``<q>.0/1/2``) is no suspect: when every conv kernel of the block has a
+copy under one module ``<q>`` and every tensor under ``<q>`` is a
+bit-identical copy of one of the block's, :func:`branch_aliases` makes
+``<q>`` an alias block, written with the fused conv under its own deploy
+names (``<q>.fused_conv``, ``<q>.rbr_reparam``, ...) as well.
 
 ``fuse`` refuses a plan with suspicious tensors (exit 3) unless told
 ``--allow-unfused``; ``inspect`` lists them; ``verify`` refuses such a TRAIN.
@@ -21,13 +28,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from acnet_convert.checkpoint.base import TensorInfo
 from acnet_convert.generic import branch_bn_stems
-from acnet_convert.naming import BlockSpec
+from acnet_convert.naming import BlockSpec, BNSpec, BranchSpec
 
-__all__ = ["Suspect", "find_suspects", "suspects_message"]
+__all__ = ["Suspect", "branch_aliases", "find_suspects", "suspects_message"]
 
 # BN statistics under any naming style: (regex on the key, group "stem")
 _BN_MEAN = (
@@ -183,4 +190,117 @@ def suspects_message(source: str, suspects: Sequence[Suspect]) -> str:
         f"{source}: {len(suspects)} group{'s' if len(suspects) > 1 else ''} of tensors look like "
         f"training-time branches that would be left unfused: {shown}{more}. Describe them with "
         "--patterns, or have 'fuse --allow-unfused' copy them through as they are"
+    )
+
+
+def _moved_bn(bn: BNSpec | None, moved: Mapping[str, str]) -> BNSpec | None:
+    if bn is None:
+        return None
+
+    def move(k: str | None) -> str | None:
+        return moved.get(k, k) if k else k
+
+    return BNSpec(
+        moved.get(bn.mean, bn.mean),
+        moved.get(bn.var, bn.var),
+        *map(move, (bn.weight, bn.bias, bn.count)),
+    )
+
+
+def _moved(b: BranchSpec, moved: Mapping[str, str]) -> BranchSpec:
+    return replace(
+        b,
+        weight=moved.get(b.weight, b.weight) if b.weight else None,
+        bias=moved.get(b.bias, b.bias) if b.bias else None,
+        bn=_moved_bn(b.bn, moved),
+        pre=_moved(b.pre, moved) if b.pre else None,
+    )
+
+
+def _copies(
+    block: BlockSpec,
+    group: Sequence[str],
+    infos: Mapping[str, TensorInfo],
+    same: Callable[[str, str], bool],
+) -> dict[str, str] | None:
+    """Block key -> its copy in ``group``, when every key of ``group`` copies one; else None."""
+    own = [k for k in block.keys() if k in infos]  # noqa: SIM118 - BlockSpec.keys()
+    moved: dict[str, str] = {}
+    for key in group:
+        twin = next((k for k in own if k not in moved and same(key, k)), None)
+        if twin is None:
+            return None
+        moved[twin] = key
+    return moved
+
+
+def branch_aliases(
+    blocks: Sequence[BlockSpec],
+    infos: Mapping[str, TensorInfo],
+    same: Callable[[str, str], bool],
+    constant: Callable[[str], bool],
+) -> list[tuple[BlockSpec, BlockSpec]]:
+    """Second registrations of blocks' branch modules, as (alias block, primary block) pairs.
+
+    The alias block is the primary with each key replaced by its copy (keys
+    without one stay the primary's) and its deploy names moved under the
+    copies' common module.
+    """
+    taken = {k for b in blocks for k in b.keys()}  # noqa: SIM118 - BlockSpec.keys()
+    kernels: dict[tuple[str, tuple[int, ...]], list[str]] = {}
+    for key, info in infos.items():
+        if key not in taken and len(info.shape) == 4 and info.numel:
+            kernels.setdefault((info.dtype, info.shape), []).append(key)
+    found: list[tuple[BlockSpec, BlockSpec]] = []
+    claimed: set[str] = set()
+    for block in blocks:
+        prefix = block.fields.get("p")
+        own = [k for k in block.keys() if k in infos and len(infos[k].shape) == 4]  # noqa: SIM118
+        if prefix is None or not own:
+            continue
+        twins = []
+        for key in own:
+            shaped = kernels.get((infos[key].dtype, infos[key].shape), [])
+            twin = next((t for t in shaped if t not in claimed and same(t, key)), None)
+            if twin is None or constant(twin):
+                break
+            twins.append(twin)
+        else:
+            module = _common_module(twins)
+            if not module or f"{module}." == prefix or module in taken:
+                continue
+            group = [k for k in infos if k.startswith(f"{module}.") and k not in taken]
+            moved = _copies(block, group, infos, same) if not claimed & set(group) else None
+            if moved is None:
+                continue
+            claimed.update(group)
+            found.append((_alias_block(block, moved, f"{module}."), block))
+    return found
+
+
+def _common_module(keys: Sequence[str]) -> str:
+    """The longest module path (dotted parts) every key lies under."""
+    common: list[str] = []
+    for parts in zip(*(k.split(".")[:-1] for k in keys), strict=False):
+        if any(p != parts[0] for p in parts):
+            break
+        common.append(parts[0])
+    return ".".join(common)
+
+
+def _alias_block(block: BlockSpec, moved: Mapping[str, str], prefix: str) -> BlockSpec:
+    old = block.fields.get("p") or ""
+
+    def deploy_name(key: str) -> str:
+        return prefix + key[len(old) :] if key.startswith(old) else prefix + key.rpartition(".")[2]
+
+    return replace(
+        block,
+        label=prefix.rstrip("."),
+        square=_moved(block.square, moved),
+        branches=tuple(_moved(b, moved) for b in block.branches),
+        last_bn=_moved_bn(block.last_bn, moved),
+        fused_weight=deploy_name(block.fused_weight),
+        fused_bias=deploy_name(block.fused_bias),
+        fields={**block.fields, "p": prefix},
     )

@@ -14,12 +14,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from acnet_convert.accounting import Suspect, find_suspects, suspects_message
+from acnet_convert.accounting import Suspect, branch_aliases, find_suspects, suspects_message
 from acnet_convert.blocks import BlockGeometry, block_geometry
 from acnet_convert.checkpoint import CheckpointReader, TensorInfo
 from acnet_convert.checkpoint.rawio import array_bytes
 from acnet_convert.dialects import (
     FAMILIES,
+    Alias,
     BlockSpec,
     Detection,
     Dialect,
@@ -236,6 +237,7 @@ def _detect(
     detection = replace(
         detection, blocks=tuple(b for b in detection.blocks if not _already_fused(b, infos))
     )
+    detection, moved = _with_branch_aliases(detection, infos, same, _constant(reader))
     blocks = (*detection.blocks, *(a.block for a in detection.aliases))
     taken = {k for b in blocks for k in b.keys()}  # noqa: SIM118 - BlockSpec.keys()
     fold = options.fold_bn if options.fold_bn is not None else bool(deploy_folds_bn(detection))
@@ -248,8 +250,28 @@ def _detect(
             "Try 'acnet-convert inspect' to see its keys"
         )
     order = {k: i for i, k in enumerate(infos)}
-    specs = sorted([*detection.blocks, *units], key=lambda b: order.get(b.square.first_key, 0))
-    return detection, specs
+    specs = sorted(
+        [b for b in (*detection.blocks, *units) if all(b is not a for a in moved)],
+        key=lambda b: order.get(b.square.first_key, 0),
+    )
+    return detection, [*specs, *moved]  # an alias after its primary: it repeats its result
+
+
+def _with_branch_aliases(
+    detection: Detection,
+    infos: Mapping[str, TensorInfo],
+    same: Callable[[str, str], bool],
+    constant: Callable[[str], bool],
+) -> tuple[Detection, list[BlockSpec]]:
+    """``detection`` with the second registrations of its blocks' branches as copy aliases."""
+    found = branch_aliases(detection.blocks, infos, same, constant)
+    if not found:
+        return detection, []
+    aliases = tuple(Alias(alias, primary, copy=True) for alias, primary in found)
+    blocks = (*detection.blocks, *(a.block for a in aliases))
+    return replace(detection, blocks=blocks, aliases=(*detection.aliases, *aliases)), [
+        a.block for a in aliases
+    ]
 
 
 def _refuse_incomplete_sequences(
@@ -287,14 +309,17 @@ def _plan_blocks(
         own = FOLD_BN if spec.family == FOLD_BN.family else detection.dialect_of(spec)
         _refuse_incomplete_sequences(own, spec, infos, source)
         geometry = block_geometry(spec, infos, source, own.kernel_order, own.validate)
+        alias = detection.alias_of(spec)
+        primary = next((i for i, p in enumerate(planned) if alias and p.spec is alias.primary), -2)
         for key in spec.keys():  # noqa: SIM118 - BlockSpec.keys(), not a dict
+            if owner.get(key) == primary:
+                continue  # a part the second registration does not copy: read from the primary
             if key in owner:
                 raise UnfusableBlockError(
                     f"{source}: key '{key}' belongs to two blocks, "
                     f"'{planned[owner[key]].spec.label}' and '{spec.label}'"
                 )
             owner[key] = len(planned)
-        alias = detection.alias_of(spec)
         planned.append(
             PlannedBlock(
                 spec,

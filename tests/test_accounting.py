@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
@@ -163,3 +164,115 @@ def test_generic_rule_refuses_a_branch_with_an_unread_bn(tmp_path: Path, run_cli
         _bn(rng, sd, f"blk.{name}.bn", 4, style="paddle")
     result = run_cli("fuse", _save(sd, tmp_path / "t.safetensors"), tmp_path / "o.pth", expect=3)
     assert "'blk.k.conv.weight'" in result.stderr and "blk.k.bn._mean" in result.stderr
+
+
+def _registered_again(sd: State, pairs: dict[str, str]) -> State:
+    """A ModuleList holding a block's branch modules again: every tensor under a second name."""
+    out = dict(sd)
+    for old_stem, new_stem in pairs.items():
+        for key in [k for k in sd if k.startswith(old_stem + ".")]:
+            out[new_stem + key[len(old_stem) :]] = sd[key].copy()
+    return out
+
+
+def _fused_pair(out: State, first: str, second: str) -> None:
+    """Both names hold the fused conv, bit for bit, and a model registering it twice loads them."""
+    conv = torch.nn.Conv2d(*reversed(out[f"{first}.weight"].shape[:2]), 3, bias=True).double()
+    model = torch.nn.Module()
+    for name in (first, second):
+        parent = model
+        *heads, last = name.split(".")
+        for head in heads:
+            if not hasattr(parent, head):
+                parent.add_module(head, torch.nn.Module())
+            parent = getattr(parent, head)
+        parent.add_module(last, conv)
+    model.load_state_dict({k: _t(v) for k, v in out.items()}, strict=True)
+    for part in ("weight", "bias"):
+        assert np.array_equal(out[f"{first}.{part}"], out[f"{second}.{part}"])
+
+
+ALIASED = {
+    "acnet": (
+        lambda rng, sd: _acb(rng, sd, "m.acb."),
+        {
+            "m.acb.square_conv": "m.acb.convs.0",
+            "m.acb.hor_conv": "m.acb.convs.1",
+            "m.acb.ver_conv": "m.acb.convs.2",
+        },
+        "m.acb.fused_conv",
+        "m.acb.convs.fused_conv",
+    ),
+    "mmcv": (
+        lambda rng, sd: [
+            sd.update({f"b.{n}.conv.weight": rng.normal(0, 0.5, s)}) or _bn(rng, sd, f"b.{n}.bn", 4)
+            for n, s in (
+                ("conv_kxk", (4, 4, 3, 3)),
+                ("conv_1xk", (4, 4, 1, 3)),
+                ("conv_kx1", (4, 4, 3, 1)),
+            )
+        ],
+        {"b.conv_kxk": "b.branches.0", "b.conv_1xk": "b.branches.1", "b.conv_kx1": "b.branches.2"},
+        "b.fused_conv",
+        "b.branches.fused_conv",
+    ),
+    "repvgg": (
+        lambda rng, sd: [
+            sd.update(
+                {
+                    "s.rbr_dense.conv.weight": rng.normal(0, 0.5, (4, 4, 3, 3)),
+                    "s.rbr_1x1.conv.weight": rng.normal(0, 0.5, (4, 4, 1, 1)),
+                }
+            ),
+            _bn(rng, sd, "s.rbr_dense.bn", 4),
+            _bn(rng, sd, "s.rbr_1x1.bn", 4),
+            _bn(rng, sd, "s.rbr_identity", 4),
+        ],
+        {"s.rbr_dense": "s.conv.0", "s.rbr_1x1": "s.conv.1", "s.rbr_identity": "s.conv.2"},
+        "s.rbr_reparam",
+        "s.conv.rbr_reparam",
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(ALIASED))
+def test_branch_modules_registered_again_get_the_fused_conv_too(
+    family: str, tmp_path: Path, run_cli: Any
+) -> None:
+    make, pairs, first, second = ALIASED[family]
+    rng = np.random.default_rng(11)
+    sd: State = {}
+    make(rng, sd)
+    alone = tmp_path / "alone.safetensors"
+    run_cli("fuse", _save(sd, tmp_path / "t.safetensors"), alone, "--quiet")
+    src = _save(_registered_again(sd, pairs), tmp_path / "twice.safetensors")
+    out = tmp_path / "o.safetensors"
+    report = json.loads(run_cli("fuse", src, out, "--json").stdout)
+    assert any(
+        f"'{second.rpartition('.')[0]}' holds the same tensors" in n for n in report["notes"]
+    )
+    fused = load_file(str(out))
+    assert set(fused) == {f"{n}.{p}" for n in (first, second) for p in ("weight", "bias")}
+    _fused_pair(fused, first, second)
+    want = load_file(str(alone))
+    assert np.array_equal(fused[f"{first}.weight"], want[f"{first}.weight"])
+    run_cli("verify", src, out, "--blocks")
+
+
+@pytest.mark.parametrize("family", sorted(ALIASED))
+def test_a_second_registration_differing_in_one_tensor_is_refused(
+    family: str, tmp_path: Path, run_cli: Any
+) -> None:
+    make, pairs, _, second = ALIASED[family]
+    rng = np.random.default_rng(12)
+    sd: State = {}
+    make(rng, sd)
+    twice = _registered_again(sd, pairs)
+    stem = next(iter(pairs.values()))
+    copied = [k for k in twice if k.startswith(stem + ".")]
+    key = next((k for k in copied if k.endswith("running_var")), copied[0])
+    twice[key] = np.nextafter(twice[key], np.inf)
+    out = tmp_path / "o.safetensors"
+    result = run_cli("fuse", _save(twice, tmp_path / "t.safetensors"), out, expect=3)
+    assert f"'{second.rpartition('.')[0]}" in result.stderr and not out.exists()
+    assert "would be left unfused" in result.stderr
