@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import pickletools
 import struct
 import zipfile
 from pathlib import Path
@@ -277,3 +278,40 @@ def test_fluid_square_conv_bias_is_folded(tmp_path: Path, run_cli: CliRun) -> No
     want = _paddle_block_reference(sd, x)
     # float32 storage of the fused kernel: ~1e-7 relative; the bias matters at ~1e-1.
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+# --- a whole pickled model (YOLOv7/YOLOv6 training checkpoints) ---------------------------------
+
+
+def _pickled_model(module: str, name: str) -> bytes:
+    """``{'model': <module>.<name>(), 'epoch': 1}`` as YOLO's train.py pickles it (GLOBAL + REDUCE),
+    built from opcodes, so no YOLO code is needed."""
+    key = _unicode("model")
+    return (
+        pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + pickle.MARK
+        + key + pickle.GLOBAL + f"{module}\n{name}\n".encode() + pickle.EMPTY_TUPLE + pickle.REDUCE
+        + _unicode("epoch") + pickle.BININT1 + b"\x01"
+        + pickle.SETITEMS + pickle.STOP
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("module", "name"), [("models.yolo", "Model"), ("yolov6.models.yolo", "Model")]
+)
+def test_a_pickled_model_is_refused_with_the_state_dict_advice(
+    tmp_path: Path, run_cli: CliRun, module: str, name: str
+) -> None:
+    pkl = _pickled_model(module, name)
+    pickletools.dis(pkl, out=io.StringIO())  # well-formed
+    src = _torch_zip_with(tmp_path, pkl)
+    out = tmp_path / "o.safetensors"
+    result = run_cli("fuse", src, out, expect=3)
+    line = " ".join(result.stderr.split())
+    assert f"'{module}.{name}'" in line and "pickled nn.Module" in line, line
+    assert "save model.state_dict() first" in line and not out.exists()
+
+
+def test_other_refused_globals_get_no_state_dict_advice(tmp_path: Path, run_cli: CliRun) -> None:
+    src = _torch_zip_with(tmp_path, _pickled_model("subprocess", "Popen"))
+    result = run_cli("inspect", src, expect=3)
+    assert "'subprocess.Popen'" in result.stderr and "state_dict" not in result.stderr

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import re
 import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -373,7 +374,8 @@ class RestrictedUnpickler(pickle._Unpickler):
             shown = "builtins" if module == "__builtin__" else module  # protocol 2 spelling
             raise UnsafeCheckpointError(
                 f"{self._path}: the pickle asks for '{shown}.{name}', which is not a tensor "
-                f"or plain data; loading it would run code from the file. {TRUST_ADVICE}"
+                f"or plain data; loading it would run code from the file. "
+                f"{_MODULE_ADVICE if _is_model_class(module, name) else ''}{TRUST_ADVICE}"
             )
         return found
 
@@ -391,6 +393,20 @@ class RestrictedUnpickler(pickle._Unpickler):
             f"{self._path}: the pickle refers to {short_repr(pid)}, which is not a tensor "
             "storage; the file was not written by torch.save"
         )
+
+
+# A model class (torch.nn's, or a repository's models/ package as YOLOv5/v6/v7 have): the
+# file holds a whole pickled nn.Module, as YOLO training scripts save {'model': model, ...}.
+_MODEL_MODULE = re.compile(r"torch\.nn(\..*)?|(.*\.)?models?(\..*)?|yolov\d.*|ultralytics(\..*)?")
+_MODULE_ADVICE = (
+    "It looks like a pickled nn.Module (YOLOv7's and YOLOv6's training scripts save the whole "
+    "model): load it with the model's own code and save model.state_dict() first, e.g. "
+    "torch.save(torch.load(f, weights_only=False)['model'].float().state_dict(), 'state.pt'). "
+)
+
+
+def _is_model_class(module: str, name: str) -> bool:
+    return name[:1].isupper() and _MODEL_MODULE.fullmatch(module) is not None
 
 
 def unpickle(data: bytes, path: Path) -> Any:
