@@ -31,10 +31,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from acnet_convert.checkpoint.base import TensorInfo
+from acnet_convert.dialects import Alias, Detection
 from acnet_convert.generic import branch_bn_stems
 from acnet_convert.naming import BlockSpec, BNSpec, BranchSpec
 
-__all__ = ["Suspect", "branch_aliases", "find_suspects", "suspects_message"]
+__all__ = [
+    "Suspect",
+    "branch_aliases",
+    "find_suspects",
+    "suspects_message",
+    "with_branch_aliases",
+]
 
 # BN statistics under any naming style: (regex on the key, group "stem")
 _BN_MEAN = (
@@ -304,3 +311,20 @@ def _alias_block(block: BlockSpec, moved: Mapping[str, str], prefix: str) -> Blo
         fused_bias=deploy_name(block.fused_bias),
         fields={**block.fields, "p": prefix},
     )
+
+
+def with_branch_aliases(
+    detection: Detection,
+    infos: Mapping[str, TensorInfo],
+    same: Callable[[str, str], bool],
+    constant: Callable[[str], bool],
+) -> tuple[Detection, list[BlockSpec]]:
+    """``detection`` with the second registrations of its blocks' branches as copy aliases."""
+    found = branch_aliases(detection.blocks, infos, same, constant)
+    if not found:
+        return detection, []
+    aliases = tuple(Alias(alias, primary, copy=True) for alias, primary in found)
+    blocks = (*detection.blocks, *(a.block for a in aliases))
+    return replace(detection, blocks=blocks, aliases=(*detection.aliases, *aliases)), [
+        a.block for a in aliases
+    ]

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from acnet_convert.errors import UnfusableBlockError, UsageError
-from acnet_convert.families import ACNET_DIALECTS, ALL_DIALECTS, FAMILIES, GENERIC
+from acnet_convert.families import ACNET_DIALECTS, ALL_DIALECTS, FAMILIES, GENERIC, family_title
 from acnet_convert.generic import generic_blocks
 from acnet_convert.naming import (
     BlockSpec,
@@ -245,21 +245,30 @@ def _blocks_of(dialect: Dialect, keys: Mapping[str, object]) -> list[BlockSpec]:
 
 def incomplete_sequences(
     dialect: Dialect, spec: BlockSpec, keys: Mapping[str, object]
-) -> list[tuple[str, tuple[str, ...]]]:
-    """Sequential branches of ``spec`` whose second conv is there without any first conv:
-    (the second conv's key, the first-conv keys the dialect knows) for each."""
+) -> str | None:
+    """What is wrong when a sequential branch's second conv is there without any first conv
+    (it is then no unknown branch but an incomplete one); None when nothing is."""
     taken = set(spec.keys())
-    found: dict[str, list[str]] = {}
+    p = spec.fields.get("p") or ""
     for names in (*(dialect.branches or ()), *dialect.extra_branches):
         pre = names.pre
         if names.kind != "seq" or not names.weight or pre is None or not pre.weight:
             continue
-        if names.repeat_from is not None:
-            continue
         weight = names.weight.format(**spec.fields)
-        if weight in keys and weight not in taken:
-            found.setdefault(weight, []).append(pre.weight.format(**spec.fields))
-    return [(k, tuple(v)) for k, v in found.items()]
+        if names.repeat_from is not None or weight not in keys or weight in taken:
+            continue
+        firsts = [
+            n.pre.weight.format(**spec.fields)
+            for n in (*(dialect.branches or ()), *dialect.extra_branches)
+            if n.kind == "seq" and n.weight == names.weight and n.pre and n.pre.weight
+        ]
+        short = [k[len(p) :] if p and k.startswith(p) else k for k in (weight, *firsts)]
+        return (
+            f"these look like {family_title(spec.family)} tensors without "
+            f"{' or '.join(repr(k) for k in short[1:])}: '{short[0]}' is there but not the first "
+            "conv of its branch; an incomplete block, not a fused one. Try 'acnet-convert inspect'"
+        )
+    return None
 
 
 SameTensor = Callable[[str, str], bool]

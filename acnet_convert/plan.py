@@ -14,13 +14,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from acnet_convert.accounting import Suspect, branch_aliases, find_suspects, suspects_message
+from acnet_convert.accounting import (
+    Suspect,
+    find_suspects,
+    suspects_message,
+    with_branch_aliases,
+)
 from acnet_convert.blocks import BlockGeometry, block_geometry
 from acnet_convert.checkpoint import CheckpointReader, TensorInfo
 from acnet_convert.checkpoint.rawio import array_bytes
 from acnet_convert.dialects import (
     FAMILIES,
-    Alias,
     BlockSpec,
     Detection,
     Dialect,
@@ -237,7 +241,7 @@ def _detect(
     detection = replace(
         detection, blocks=tuple(b for b in detection.blocks if not _already_fused(b, infos))
     )
-    detection, moved = _with_branch_aliases(detection, infos, same, _constant(reader))
+    detection, moved = with_branch_aliases(detection, infos, same, _constant(reader))
     blocks = (*detection.blocks, *(a.block for a in detection.aliases))
     taken = {k for b in blocks for k in b.keys()}  # noqa: SIM118 - BlockSpec.keys()
     fold = options.fold_bn if options.fold_bn is not None else bool(deploy_folds_bn(detection))
@@ -255,38 +259,6 @@ def _detect(
         key=lambda b: order.get(b.square.first_key, 0),
     )
     return detection, [*specs, *moved]  # an alias after its primary: it repeats its result
-
-
-def _with_branch_aliases(
-    detection: Detection,
-    infos: Mapping[str, TensorInfo],
-    same: Callable[[str, str], bool],
-    constant: Callable[[str], bool],
-) -> tuple[Detection, list[BlockSpec]]:
-    """``detection`` with the second registrations of its blocks' branches as copy aliases."""
-    found = branch_aliases(detection.blocks, infos, same, constant)
-    if not found:
-        return detection, []
-    aliases = tuple(Alias(alias, primary, copy=True) for alias, primary in found)
-    blocks = (*detection.blocks, *(a.block for a in aliases))
-    return replace(detection, blocks=blocks, aliases=(*detection.aliases, *aliases)), [
-        a.block for a in aliases
-    ]
-
-
-def _refuse_incomplete_sequences(
-    own: Dialect, spec: BlockSpec, infos: Mapping[str, TensorInfo], source: str
-) -> None:
-    """A sequential branch's kxk conv without its 1x1: say so (it is no unknown branch)."""
-    p = spec.fields.get("p") or ""
-    for second, firsts in incomplete_sequences(own, spec, infos):
-        short = [k[len(p) :] if p and k.startswith(p) else k for k in (second, *firsts)]
-        raise UnfusableBlockError(
-            f"{source}: block '{spec.label}': these look like {family_title(spec.family)} "
-            f"tensors without {' or '.join(repr(k) for k in short[1:])}: '{short[0]}' is there "
-            "but not the first conv of its branch; an incomplete block, not a fused one. "
-            "Try 'acnet-convert inspect'"
-        )
 
 
 def _plan_blocks(
@@ -307,7 +279,9 @@ def _plan_blocks(
             owner.update(dict.fromkeys(dropped_alias.block.keys(), _DROPPED))
     for spec in specs:
         own = FOLD_BN if spec.family == FOLD_BN.family else detection.dialect_of(spec)
-        _refuse_incomplete_sequences(own, spec, infos, source)
+        problem = incomplete_sequences(own, spec, infos)
+        if problem:
+            raise UnfusableBlockError(f"{source}: block '{spec.label}': {problem}")
         geometry = block_geometry(spec, infos, source, own.kernel_order, own.validate)
         alias = detection.alias_of(spec)
         primary = next((i for i, p in enumerate(planned) if alias and p.spec is alias.primary), -2)
