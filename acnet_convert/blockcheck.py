@@ -71,7 +71,11 @@ def check_block(
     x = rng.standard_normal((batch, in_per_group, kh + margin, kw + margin))
     reference = reference_outputs(block, x)
     np_compute = dtypes.numpy_dtype(compute_dtype)
-    got = conv_outputs(weight.astype(np_compute), bias.astype(np_compute), x.astype(np_compute))
+    got = conv_outputs(
+        weight.astype(np_compute, copy=False),
+        bias.astype(np_compute, copy=False),
+        x.astype(np_compute, copy=False),
+    )
     fan_in = int(np.prod(weight.shape[1:]))
     unit = dtypes.unit_roundoff(stored_dtype) + dtypes.unit_roundoff(compute_dtype) * fan_in
     allowed = (unit + _F64_SLACK) * rounding_bound(weight, bias, x)

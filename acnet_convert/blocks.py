@@ -426,6 +426,9 @@ def load_block(
             dilation=s.dilation,
             pre=branch(s.pre, pre_reader) if s.pre else None,
             implicit_identity=s.implicit_identity,
+            out_channels=_oihw(infos[s.weight].shape, layout)[0]
+            if s.kind == "seq" and s.weight
+            else None,
         )
 
     return BlockTensors(

@@ -292,6 +292,10 @@ class FusedState:
 # however wide the layer is. Smaller slabs cost more in per-call overhead;
 # larger ones save little time and add to the peak resident size.
 _SLAB_BYTES = 512 << 10
+# A block with a sequential (DBB 1x1 -> kxk) branch composes each slab by a matrix product,
+# whose per-call cost (BLAS threads waking) favours fewer, larger slabs: 1 MiB measured
+# 0.62x the file in peak RSS on DBB ResNet-18 (0.5 MiB: 0.57x at about 1.8x the time).
+_SEQ_SLAB_BYTES = 1 << 20
 
 
 def _block_slabs(
@@ -313,9 +317,9 @@ def _block_slabs(
     ``pread`` where they can, so no page of a reader's mmap becomes resident.
     """
     g = block.geometry
-    rows_per_slab = max(1, _SLAB_BYTES // (8 * g.in_per_group * g.kh * g.kw))
-    if not g.streamable:  # a sequential branch mixes a group's middle channels
-        rows_per_slab = g.out_channels
+    # a sequential branch composes by a matrix product per slab: fewer, larger ones
+    slab_bytes = _SLAB_BYTES if g.streamable else _SEQ_SLAB_BYTES
+    rows_per_slab = max(1, slab_bytes // (8 * g.in_per_group * g.kh * g.kw))
     whole: dict[str, np.ndarray] = {}
     raws: dict[str, RawBytes | None] = {}
 

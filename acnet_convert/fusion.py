@@ -74,6 +74,9 @@ class Branch:
     alone), ``avg`` (``pre``: optional 1x1 conv and padding BN; ``bn``: the
     BN after the pool), ``seq`` (``pre``: the 1x1 conv, plus an identity when
     ``implicit_identity``, and padding BN; ``weight``: the kxk conv).
+    ``out_channels`` is the whole conv's output count when ``weight`` holds
+    the rows of one slab (a ``seq`` branch reads its groups from it; None:
+    ``weight`` is whole).
     """
 
     weight: np.ndarray | None
@@ -83,6 +86,7 @@ class Branch:
     dilation: int = 1
     pre: Branch | None = None
     implicit_identity: bool = False
+    out_channels: int | None = None
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,12 @@ seq       1x1 conv (+ implicit identity) + padding    the two convs one after th
 ========  ==========================================  ==============================
 
 The transforms come from :mod:`acnet_convert.transforms`, the references from
-there and :mod:`acnet_convert.fusion`; the two share no code. ``conv``,
-``identity`` and ``avg`` are separable per output channel, so a block of them
-is fused a slab of output channels at a time; a ``seq`` branch mixes the
-middle channels of a group, so a block holding one is read whole
-(:func:`streamable`).
+there and :mod:`acnet_convert.fusion`; the two share no code. Every kind is
+separable per output channel, so a block is fused a slab of output channels
+at a time: a ``seq`` branch's kxk conv and its BN come as the slab's rows,
+its 1x1 conv and padding BN (the middle channels, small) whole, and each row
+composes with its own group's middle channels (larger slabs for such a
+block: :func:`streamable`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from acnet_convert.fusion import Branch, centre_crop, conv_valid, fold_bn
+from acnet_convert.fusion import BNStats, Branch, centre_crop, conv_valid, fold_bn
 from acnet_convert.transforms import (
     avg_kernel,
     avg_pool_reference,
@@ -57,7 +58,13 @@ def dilate(kernel: np.ndarray, dilation: int) -> np.ndarray:
 
 
 def streamable(branches: Sequence[Branch | object]) -> bool:
-    """Can a block of these branches (or branch specs) be fused a slab of output channels at a time?"""
+    """Are these branches (or branch specs) fused in small slabs of output channels?
+
+    Every kind can be fused a slab at a time; a ``seq`` branch's slab also
+    needs its whole (small) 1x1 conv, and composes by a matrix product whose
+    cost per call favours fewer, larger slabs, so a block holding one is
+    fused in larger slabs (False here).
+    """
     return all(getattr(b, "kind", "conv") != "seq" for b in branches)
 
 
@@ -87,7 +94,7 @@ def equivalent(branch: Branch, target: Target, first: int = 0) -> tuple[np.ndarr
     if branch.kind == "avg":
         return _avg_equivalent(branch, target, first)
     if branch.kind == "seq":
-        return _seq_equivalent(branch, target)
+        return _seq_equivalent(branch, first)
     raise ValueError(f"unknown branch kind '{branch.kind}'")
 
 
@@ -104,15 +111,41 @@ def _avg_equivalent(branch: Branch, target: Target, first: int) -> tuple[np.ndar
     return fold_bn(kernel, b1, branch.bn)
 
 
-def _seq_equivalent(branch: Branch, target: Target) -> tuple[np.ndarray, np.ndarray]:
+def _seq_groups(branch: Branch, first: int) -> list[tuple[slice, slice]]:
+    """(rows of the slab, middle channels) for each group the slab's rows fall in.
+
+    The kxk conv's rows are the slab's (``branch.out_channels`` in all); the
+    1x1 conv ``branch.pre`` is whole, ``M`` middle channels in groups of the
+    kxk conv's in-channels.
+    """
+    if branch.pre is None or branch.pre.weight is None or branch.weight is None:
+        raise ValueError("a sequential branch needs its 1x1 and its kxk conv")
+    rows, mid_per_group = branch.weight.shape[:2]
+    groups = branch.pre.weight.shape[0] // mid_per_group
+    per_group = (branch.out_channels or rows) // groups
+    parts = []
+    for g in range(first // per_group, (first + rows - 1) // per_group + 1):
+        lo, hi = max(first, g * per_group) - first, min(first + rows, (g + 1) * per_group) - first
+        parts.append((slice(lo, hi), _rows(g * mid_per_group, mid_per_group)))
+    return parts
+
+
+def _seq_equivalent(branch: Branch, first: int) -> tuple[np.ndarray, np.ndarray]:
     pre = branch.pre
     if pre is None or pre.weight is None or branch.weight is None:
         raise ValueError("a sequential branch needs its 1x1 and its kxk conv")
     first_kernel = idconv_kernel(pre.weight) if pre.implicit_identity else pre.weight
     k1, b1 = fold_bn(first_kernel, pre.bias, pre.bn)
+    del first_kernel
     k2, b2 = fold_bn(branch.weight, branch.bias, branch.bn)
-    groups = k1.shape[0] // k2.shape[1]
-    return compose_1x1_kxk(k1, b1, k2, b2, groups)
+    rows, mid_per_group = k2.shape[:2]
+    if branch.out_channels in (None, rows) and first == 0:  # the whole conv: every group at once
+        return compose_1x1_kxk(k1, b1, k2, b2, k1.shape[0] // mid_per_group)
+    kernel = np.empty((rows, k1.shape[1], *k2.shape[2:]))
+    bias = np.empty(rows)
+    for out, mid in _seq_groups(branch, first):
+        kernel[out], bias[out] = compose_1x1_kxk(k1[mid], b1[mid], k2[out], b2[out], 1)
+    return kernel, bias
 
 
 def _conv_reference(branch: Branch, x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -162,22 +195,48 @@ def reference(branch: Branch, x: np.ndarray, target: Target, first: int = 0) -> 
                 y = pre.bn.apply(y)
         return branch.bn.apply(y) if branch.bn is not None else y
     if branch.kind == "seq":
-        pre = branch.pre
-        if pre is None or pre.weight is None or branch.weight is None:
-            raise ValueError("a sequential branch needs its 1x1 and its kxk conv")
-        first_kernel = pre.weight
-        if pre.implicit_identity:
-            first_kernel = pre.weight + _identity_1x1(pre.weight.shape)
-        y = sequential_reference(x, first_kernel, pre.bn, branch.weight, None, size)
+        y = _seq_reference(branch, x, size, first)
         if branch.bias is not None:
             y = y + branch.bias[:, None, None]
         return branch.bn.apply(y) if branch.bn is not None else y
     raise ValueError(f"unknown branch kind '{branch.kind}'")
 
 
-def _identity_1x1(shape: tuple[int, ...]) -> np.ndarray:
-    """DBB's implicit identity of ``idconv1``, built by indexing (not by the transform)."""
-    out = np.zeros(shape)
-    channels, in_per_group = shape[0], shape[1]
-    out[np.arange(channels), np.arange(channels) % in_per_group, 0, 0] = 1.0
+def _seq_reference(branch: Branch, x: np.ndarray, size: tuple[int, int], first: int) -> np.ndarray:
+    """The two convs in sequence for the slab's rows, each row reading its own group."""
+    pre = branch.pre
+    if pre is None or pre.weight is None or branch.weight is None:
+        raise ValueError("a sequential branch needs its 1x1 and its kxk conv")
+    first_kernel = _with_identity(pre.weight) if pre.implicit_identity else pre.weight
+    rows, mid_per_group = branch.weight.shape[:2]
+    groups = first_kernel.shape[0] // mid_per_group
+    group_of = (first + np.arange(rows)) * groups // (branch.out_channels or rows)
+    parts = []
+    for g in np.unique(group_of):
+        mid = slice(int(g) * mid_per_group, (int(g) + 1) * mid_per_group)
+        second = branch.weight[group_of == g]
+        parts.append(
+            sequential_reference(x, first_kernel[mid], _bn_part(pre.bn, mid), second, None, size)
+        )
+    return np.concatenate(parts, axis=1)
+
+
+def _bn_part(bn: BNStats | None, channels: slice) -> BNStats | None:
+    """The BN of some of its channels."""
+    if bn is None:
+        return None
+    return BNStats(
+        mean=bn.mean[channels],
+        var=bn.var[channels],
+        weight=bn.weight[channels] if bn.weight is not None else None,
+        bias=bn.bias[channels] if bn.bias is not None else None,
+        eps=bn.eps,
+    )
+
+
+def _with_identity(weight: np.ndarray) -> np.ndarray:
+    """DBB's ``idconv1`` with its implicit identity, added by indexing (not by the transform)."""
+    out = weight.copy()
+    channels, in_per_group = weight.shape[:2]
+    out[np.arange(channels), np.arange(channels) % in_per_group, 0, 0] += 1.0
     return out

@@ -110,7 +110,15 @@ def idconv_kernel(weight: np.ndarray) -> np.ndarray:
     of the state dict.
     """
     channels, in_per_group, kh, kw = weight.shape
-    out: np.ndarray = weight + identity_kernel(channels, in_per_group, kh, kw)
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"an identity has no centre in an even {kh}x{kw} kernel")
+    if in_per_group <= 0 or channels % in_per_group:
+        raise ValueError(f"{channels} channels do not split into groups of {in_per_group}")
+    # weight + identity_kernel(...), without a dense identity: + 0.0 off the diagonal (the
+    # same values, -0.0 included, as adding the zeros), + 1.0 on it
+    out: np.ndarray = weight + 0.0
+    rows = np.arange(channels)
+    out[rows, rows % in_per_group, kh // 2, kw // 2] += 1.0
     return out
 
 
@@ -144,7 +152,9 @@ def compose_1x1_kxk(
     rows = np.ascontiguousarray(second.transpose(0, 1, 3, 2)).reshape(groups, og * kh * kw, -1)
     kernel = np.matmul(rows, first).reshape(groups, og, kh * kw, in_per_group)
     kernel = kernel.transpose(0, 1, 3, 2).reshape(out, in_per_group, kh, kw)
-    pushed = np.matmul(second.sum(axis=3), b1.reshape(groups, mid_per_group, 1)).reshape(out)
+    # the bias row by row (not a matrix-vector product, whose rounding depends on how many
+    # rows it is given), so a slab of rows composes to the bits the whole kernel gives
+    pushed = (second.sum(axis=3) * b1.reshape(groups, 1, mid_per_group)).sum(axis=2).reshape(out)
     return kernel, pushed + b2
 
 
@@ -218,7 +228,8 @@ def sequential_reference(
     """
     mid, mid_per_group = first.shape[0], second.shape[1]
     groups = mid // mid_per_group
-    z = _normalise(np.einsum("mi,nihw->nmhw", first[:, :, 0, 0], x), first_bn)
+    channels_last = np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # the sum runs over contiguous i
+    z = _normalise(np.einsum("mi,nhwi->nmhw", first[:, :, 0, 0], channels_last), first_bn)
     kh, kw = second.shape[2:]
     z = _centre(z, target, (kh, kw))
     out_per_group = second.shape[0] // groups
