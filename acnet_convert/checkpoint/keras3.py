@@ -136,7 +136,7 @@ class Keras3Reader(CheckpointReader):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self.layout = "keras"  # written back as a Keras 2 style weight file
+        self.flavour = "keras"  # written back as a Keras 2 style weight file
         self.keras_attrs = None
         self.bn_epsilons: dict[str, float] = {}
         self._paths: dict[str, str] = {}
@@ -156,6 +156,11 @@ class Keras3Reader(CheckpointReader):
                 f"{path}: cannot be read as Keras 3 weights ({_reason(err)}); "
                 "the file is truncated or corrupt"
             ) from err
+
+    @property
+    def layout(self) -> str:
+        """The old name of :attr:`flavour`."""
+        return self.flavour
 
     def _open(self) -> Any:
         if not zipfile.is_zipfile(self.path):
