@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from acnet_convert import dtypes, readback
-from acnet_convert.atomic import atomic_output
+from acnet_convert.atomic import atomic_output, refuse_output_path
 from acnet_convert.blockcheck import BlockCheck, check_block
 from acnet_convert.blocks import BranchGeometry, to_layout
 from acnet_convert.checkpoint import (
@@ -37,8 +37,9 @@ from acnet_convert.checkpoint import (
     open_checkpoint,
     write_checkpoint,
 )
-from acnet_convert.errors import UnfusableBlockError, UsageError, VerificationError
+from acnet_convert.errors import UnfusableBlockError, VerificationError
 from acnet_convert.fusion import fuse_block
+from acnet_convert.layouts import Layout
 from acnet_convert.plan import (
     LAYOUTS,
     FuseOptions,
@@ -153,37 +154,6 @@ class FuseReport:
         }
 
 
-def _identity_var(eps: float, dtype: str) -> np.ndarray:
-    """A running_var v (in ``dtype``) with v + eps as close to 1 as that dtype allows."""
-    return dtypes.from_float64(np.array([1.0 - eps]), dtype)
-
-
-def _block_values(
-    block: PlannedBlock,
-    weight: np.ndarray | None,
-    bias: np.ndarray,
-    eps: float,
-    layout: str,
-    count: np.ndarray | None,
-) -> dict[str, np.ndarray]:
-    """The block's output tensors from its fused kernel (OIHW, already in its stored dtype;
-    None leaves the weight out) and its float64 bias."""
-    g = block.geometry
-    stored = {
-        "weight": to_layout(weight, layout) if weight is not None else None,
-        "bias": dtypes.from_float64(bias, g.dtype),
-        "bn_weight": dtypes.from_float64(np.ones(g.out_channels), g.dtype),
-        "bn_mean": dtypes.from_float64(np.zeros(g.out_channels), g.dtype),
-        "bn_var": np.repeat(_identity_var(eps, g.dtype), g.out_channels),
-        "bn_count": count if count is not None else np.zeros((), dtype=np.int64),
-    }
-    return {
-        key: np.asarray(stored[role], order="C")
-        for key, role in block.outputs
-        if stored[role] is not None
-    }
-
-
 @dataclass(frozen=True)
 class FusedState:
     """A fused checkpoint held in memory.
@@ -272,6 +242,27 @@ def _fuse_one(
     return bias, count, _merge_checks(checks) if checks else None
 
 
+def _block_report(block: PlannedBlock, checked: _Checked | None) -> BlockReport:
+    g = block.geometry
+    return BlockReport(
+        label=block.spec.label,
+        kernel=g.kernel,
+        hor=g.hor,
+        ver=g.ver,
+        dtype=g.dtype,
+        last_bn=g.has_last_bn,
+        affine=g.affine,
+        conv_bias=g.conv_bias,
+        outputs=tuple(k for k, _ in block.outputs),
+        max_abs=checked.max_abs if checked else None,
+        max_rel=checked.max_rel if checked else None,
+        passed=checked.passed if checked else None,
+        family=block.spec.family,
+        kernel_shape=(g.kh, g.kw),
+        branches=g.branches,
+    )
+
+
 def _fuse_blocks(
     reader: CheckpointReader,
     plan: FusionPlan,
@@ -309,29 +300,13 @@ def _fuse_blocks(
             put_rows = kernel.__setitem__
         bias, count, checked = _fuse_one(reader, slabs, plan, block, put_rows, rng)
         eps = block.eps if block.eps is not None else plan.eps
-        for key, value in _block_values(block, kernel, bias, eps, layout, count).items():
+        weight = to_layout(kernel, layout) if kernel is not None else None
+        values = Layout.encode(block.outputs, weight, bias, eps, g.dtype, count)
+        for key, value in values.items():
             into.put(key, value)
         if checked is not None and not checked.passed:
             failures.append(f"'{block.spec.label}' (max relative difference {checked.max_rel:.3g})")
-        reports.append(
-            BlockReport(
-                label=block.spec.label,
-                kernel=g.kernel,
-                hor=g.hor,
-                ver=g.ver,
-                dtype=g.dtype,
-                last_bn=g.has_last_bn,
-                affine=g.affine,
-                conv_bias=g.conv_bias,
-                outputs=tuple(k for k, _ in block.outputs),
-                max_abs=checked.max_abs if checked else None,
-                max_rel=checked.max_rel if checked else None,
-                passed=checked.passed if checked else None,
-                family=block.spec.family,
-                kernel_shape=(g.kh, g.kw),
-                branches=g.branches,
-            )
-        )
+        reports.append(_block_report(block, checked))
     if failures:
         raise VerificationError(
             f"{plan.source}: the fused conv does not reproduce the training-time branches of "
@@ -382,6 +357,8 @@ def fuse_checkpoint(
 ) -> FuseReport:
     """Fuse every block of a training checkpoint and write the result atomically.
 
+    (Over 60 lines with this docstring; the body is a dozen steps, each a call.)
+
     Args:
         source: the training-time checkpoint (.pth, .hdf5 or .safetensors).
         output: where to write; its folder must exist.
@@ -401,7 +378,7 @@ def fuse_checkpoint(
             nothing is written.
     """
     started = time.perf_counter()
-    _refuse_output_path(source, output, force)
+    refuse_output_path(source, output, force)
     with (
         open_checkpoint(source, trust_pickle=options.trust_pickle) as reader,
         ScratchSink(output.parent) as scratch,
@@ -439,18 +416,6 @@ def fuse_checkpoint(
             notes=notes,
         )
     return report
-
-
-def _refuse_output_path(source: Path, output: Path, force: bool) -> None:
-    """Refuse an output that is the source, a folder, in a missing folder, or exists without force."""
-    if output.exists() and source.exists() and output.resolve() == source.resolve():
-        raise UsageError(f"{output}: the output would overwrite the input; choose another path")
-    if output.is_dir():
-        raise UsageError(f"{output}: is a folder; give a file name for the output")
-    if output.exists() and not force:
-        raise UsageError(f"{output}: exists already; pass --force to replace it")
-    if not output.parent.is_dir():
-        raise UsageError(f"{output}: the folder '{output.parent}' does not exist")
 
 
 def _write_output(

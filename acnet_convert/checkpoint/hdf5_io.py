@@ -211,20 +211,7 @@ class Hdf5Reader(CheckpointReader):
             BadCheckpointError: the data cannot be read (corrupt file).
             KeyError: no tensor of that name (a caller bug).
         """
-        info = self.tensors[name]
-        out = np.empty(info.shape, dtype=dtypes.numpy_dtype(info.dtype))
-        if out.size == 0:
-            return out
-        if self._file is None:
-            raise ValueError(f"{self.path}: the reader is closed")
-        try:
-            self._file[self._paths[name]].read_direct(out)
-        except _H5_ERRORS as err:
-            raise BadCheckpointError(
-                f"{self.path}: dataset '{name}' cannot be read ({_reason(err)}); "
-                "the file is truncated or corrupt"
-            ) from err
-        return out
+        return read_dataset(self._file, self._paths[name], self.tensors[name], self.path)
 
     def raw(self, name: str) -> RawBytes | None:
         """Where a dataset's bytes lie, for contiguous little-endian storage in this file.
@@ -411,6 +398,28 @@ def _check_keras_listing(attrs: KerasAttrs, datasets: set[str], path: Path) -> N
                     f"{path}: Keras layer '{layer}' lists weight '{weight}' but the file has "
                     "no such dataset; the file is incomplete"
                 )
+
+
+def read_dataset(file: h5py.File | None, h5_path: str, info: TensorInfo, path: Path) -> np.ndarray:
+    """The dataset at ``h5_path`` of an open file as a new array of ``info``'s storage dtype.
+
+    Raises:
+        BadCheckpointError: the data cannot be read (corrupt file).
+        ValueError: the file is closed (a caller bug).
+    """
+    out = np.empty(info.shape, dtype=dtypes.numpy_dtype(info.dtype))
+    if out.size == 0:
+        return out
+    if file is None:
+        raise ValueError(f"{path}: the reader is closed")
+    try:
+        file[h5_path].read_direct(out)
+    except _H5_ERRORS as err:
+        raise BadCheckpointError(
+            f"{path}: dataset '{info.name}' cannot be read ({_reason(err)}); "
+            "the file is truncated or corrupt"
+        ) from err
+    return out
 
 
 def _walk(
