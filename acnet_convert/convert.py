@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -381,7 +382,7 @@ def fuse_checkpoint(
     refuse_output_path(source, output, force)
     with (
         open_checkpoint(source, trust_pickle=options.trust_pickle) as reader,
-        ScratchSink(output.parent) as scratch,
+        closing(ScratchSink(output.parent)) as scratch,
     ):
         plan = plan_fusion(reader, options)
         hashing = BackgroundDigest(source)

@@ -15,7 +15,6 @@ import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Protocol
 
 import numpy as np
@@ -191,18 +190,8 @@ class ScratchSink:
         self.raw[key] = self.raw[primary]
 
     def close(self) -> None:
+        """Delete the file (use the sink in ``contextlib.closing``)."""
         self._file.close()
-
-    def __enter__(self) -> ScratchSink:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class OutputFeed:
