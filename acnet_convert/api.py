@@ -25,17 +25,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from acnet_convert import dtypes
 from acnet_convert.checkpoint import CheckpointReader, open_checkpoint
 from acnet_convert.convert import fuse_state
 from acnet_convert.errors import ACNetConvertError, UsageError
-from acnet_convert.plan import LAYOUTS, FuseOptions, FusionPlan, NamingOptions, plan_fusion
+from acnet_convert.keyfit import NON_WEIGHT_KEYS, a_few, key_misfit
+from acnet_convert.layouts import LAYOUTS, identity_var, planned_layouts
+from acnet_convert.plan import FuseOptions, FusionPlan, NamingOptions, plan_fusion
 
 __all__ = ["LoadReport", "fuse_and_load", "tensor_from_stored"]
 
-# Upstream's hdf5 files carry channel widths as a bare 'deps' dataset; no model has it.
-_IGNORED = frozenset({"deps"})
-_NBT = ".num_batches_tracked"
 _SHOWN = 4  # keys named per kind in an error message
 
 
@@ -102,7 +100,7 @@ def tensor_from_stored(array: np.ndarray, dtype: str) -> Tensor:
     >>> tensor_from_stored(np.array([0x3F80], dtype=np.uint16), "bfloat16")
     tensor([1.], dtype=torch.bfloat16)
     """
-    data = np.ascontiguousarray(array)
+    data = np.ascontiguousarray(array).reshape(np.shape(array))  # keeps a 0-d array 0-d
     if not data.flags.writeable:
         data = data.copy()
     if dtype == "bfloat16":
@@ -111,32 +109,29 @@ def tensor_from_stored(array: np.ndarray, dtype: str) -> Tensor:
 
 
 def _compare(layout: str, plan: FusionPlan, model_keys: set[str]) -> _Fit:
-    given = {t.name for t in plan.outputs} - _IGNORED
-    # torch fills in a BN's num_batches_tracked itself when a plain dict lacks it.
-    missing = sorted(k for k in model_keys - given if not k.endswith(_NBT))
-    unexpected = sorted(given - model_keys)
-    return _Fit(layout, plan, tuple(missing), tuple(unexpected))
+    # Upstream's hdf5 files carry channel widths as a bare 'deps' dataset; no model has it.
+    given = {t.name for t in plan.outputs} - NON_WEIGHT_KEYS
+    missing, unexpected = key_misfit(model_keys, given)
+    return _Fit(layout, plan, tuple(sorted(missing)), tuple(sorted(unexpected)))
 
 
 def _fits(reader: CheckpointReader, options: FuseOptions, model_keys: set[str]) -> list[_Fit]:
     """Plan every layout (from the index alone) and compare each with the model's keys."""
     fits: list[_Fit] = []
-    for layout in LAYOUTS:
-        layout_options = replace(options, layout=layout)
-        try:
-            plan = plan_fusion(reader, layout_options)
-        except ACNetConvertError as err:
-            if layout == LAYOUTS[0]:
-                raise  # no block, a bad block, a bad option: the same for every layout
+    planned = planned_layouts(
+        lambda layout: plan_fusion(reader, replace(options, layout=layout)),
+        refusable=(ACNetConvertError,),
+    )
+    for layout, plan, err in planned:
+        if plan is None:
             fits.append(_Fit(layout, None, refused=str(err).removeprefix(f"{reader.path}: ")))
-            continue
-        fits.append(_compare(layout, plan, model_keys))
+        else:
+            fits.append(_compare(layout, plan, model_keys))
     return fits
 
 
 def _few(keys: Sequence[str]) -> str:
-    shown = ", ".join(f"'{k}'" for k in keys[:_SHOWN])
-    return shown + (f", ... ({len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
+    return a_few([f"'{k}'" for k in keys], _SHOWN, more=", ... ({n} more)")
 
 
 def _common_prefix(keys: Sequence[str]) -> str:
@@ -206,10 +201,9 @@ def _check_shapes(source: str, plan: FusionPlan, model_state: Mapping[str, Tenso
         if t.name in model_state and tuple(model_state[t.name].shape) != t.shape
     ]
     if wrong:
-        more = f" ({len(wrong) - _SHOWN} more)" if len(wrong) > _SHOWN else ""
         raise UsageError(
             f"{source}: {len(wrong)} tensors have the wrong shape for the model: "
-            f"{'; '.join(wrong[:_SHOWN])}{more}; was the model built with the same widths and "
+            f"{a_few(wrong, _SHOWN, sep='; ', more=' ({n} more)')}; was the model built with the same widths and "
             "number of classes?"
         )
 
@@ -227,8 +221,7 @@ def _identity_vars(plan: FusionPlan, model: nn.Module, arrays: dict[str, np.ndar
                 continue
             bn = model.get_submodule(key.rpartition(".")[0])
             if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-                var = dtypes.from_float64(np.array([1.0 - bn.eps]), dtype_of[key])
-                arrays[key] = np.repeat(var, arrays[key].shape[0])
+                arrays[key] = identity_var(bn.eps, dtype_of[key], arrays[key].shape[0])
 
 
 def fuse_and_load(
@@ -333,5 +326,7 @@ def fuse_and_load(
         keys_loaded=len(tensors),
         missing=chosen.missing,
         unexpected=chosen.unexpected,
-        ignored=tuple(sorted(k for k in state.tensors if k in _IGNORED and k not in model_keys)),
+        ignored=tuple(
+            sorted(k for k in state.tensors if k in NON_WEIGHT_KEYS and k not in model_keys)
+        ),
     )

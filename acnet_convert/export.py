@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from acnet_convert.atomic import atomic_output
+from acnet_convert.atomic import atomic_output, refuse_output_path
 from acnet_convert.checkpoint import CheckpointReader, open_checkpoint
 from acnet_convert.errors import ACNetConvertError, UsageError
 from acnet_convert.netsummary import NetSummary, summarise_net
@@ -338,17 +338,6 @@ def _check_options(options: ExportOptions) -> None:
         raise UsageError(f"--input-shape {shape}: expected C,H,W, three positive integers")
 
 
-def _check_output(source: Path, output: Path, force: bool) -> None:
-    if output.exists() and source.exists() and output.resolve() == source.resolve():
-        raise UsageError(f"{output}: the output would overwrite the input; choose another path")
-    if output.is_dir():
-        raise UsageError(f"{output}: is a folder; give a file name for the output")
-    if output.exists() and not force:
-        raise UsageError(f"{output}: exists already; pass --force to replace it")
-    if not output.parent.is_dir():
-        raise UsageError(f"{output}: the folder '{output.parent}' does not exist")
-
-
 def _check_opset(opset: int | None) -> None:
     from acnet_convert.onnxio import MIN_OPSET, max_opset
 
@@ -372,7 +361,7 @@ def export_onnx(ckpt: Path, output: Path, options: ExportOptions = ExportOptions
     """
     started = time.perf_counter()
     _check_options(options)
-    _check_output(ckpt, output, options.force)
+    refuse_output_path(ckpt, output, options.force)
     from acnet_convert.onnxio import require_export_extra
 
     require_export_extra()

@@ -7,12 +7,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from acnet_convert.blocks import BranchGeometry
 from acnet_convert.checkpoint import TensorInfo, open_checkpoint
 from acnet_convert.errors import ACNetConvertError, NoBlockFound, UnfusableBlockError, UsageError
 from acnet_convert.plan import FuseOptions, FusionPlan, plan_fusion
 
-__all__ = ["Inspection", "inspect_checkpoint", "render_inspection"]
+__all__ = ["Inspection", "inspect_checkpoint"]
 
 _INSPECT_HINT = re.compile(r"\.? ?Try 'acnet-convert inspect'[^.;]*")
 
@@ -128,78 +127,3 @@ def _notes(path: Path) -> tuple[str, ...]:
 
     note = extension_note(path, sniff_format(path))
     return (note,) if note else ()
-
-
-def _shown(text: str) -> str:
-    """A name from the file as literal rich text: markup escaped, control characters as escapes."""
-    from rich.markup import escape
-
-    # Lone surrogates (from a pickle's names) cannot be printed at all: escape them too.
-    return escape(
-        re.sub(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]", lambda m: repr(m.group())[1:-1], text)
-    )
-
-
-def _shape(shape: tuple[int, ...]) -> str:
-    return "[" + ", ".join(str(s) for s in shape) + "]"
-
-
-def _branch_text(branch: BranchGeometry) -> str:
-    size = f"{branch.kernel[0]}x{branch.kernel[1]}"
-    return size if branch.kind == "conv" else f"{branch.kind} {size}"
-
-
-def render_inspection(result: Inspection, console: Any) -> None:
-    """Print an :class:`Inspection` as rich tables."""
-    from rich.table import Table
-
-    head = f"{_shown(result.path)}: {result.format}, {_shown(result.container)}"
-    if result.prefix:
-        head += f", keys prefixed '{_shown(result.prefix)}'"
-    console.print(head)
-    for note in result.notes:
-        console.print(f"note: {_shown(note)}")
-    if result.dropped:
-        console.print(f"other entries (dropped on fuse): {_shown(', '.join(result.dropped))}")
-    table = Table(title=f"{len(result.listed)} of {len(result.tensors)} tensors")
-    table.add_column("name", overflow="fold")
-    table.add_column("shape")
-    table.add_column("dtype")
-    table.add_column("elements", justify="right")
-    for t in result.listed:
-        table.add_row(_shown(t.name), _shape(t.shape), t.dtype, f"{t.numel:,}")
-    console.print(table)
-    params = sum(t.numel for t in result.tensors)
-    nbytes = sum(t.nbytes for t in result.tensors)
-    plan = result.plan
-    if plan is None:
-        if result.problem is None:
-            console.print("no ACNet blocks found: the checkpoint looks fused or plain already")
-        console.print(f"total: {params:,} parameters, {nbytes:,} bytes")
-        return
-    blocks = Table(
-        title=f"{len(plan.blocks)} blocks ({plan.dialect_names} dialect, eps {plan.eps:g})"
-    )
-    for col in ("block", "kernel", "branches", "channels", "last_bn", "affine", "becomes"):
-        blocks.add_column(col, overflow="fold")
-    for b in plan.blocks:
-        g = b.geometry
-        blocks.add_row(
-            _shown(b.spec.label),
-            f"{g.kh}x{g.kw}",
-            _shown(", ".join(_branch_text(x) for x in g.branches[1:])),
-            f"{g.in_per_group}->{g.out_channels}",
-            "yes" if g.has_last_bn else "no",
-            "yes" if g.affine else "no",
-            _shown(", ".join(k for k, _ in b.outputs)),
-        )
-    console.print(blocks)
-    for suspect in plan.suspects:
-        console.print(
-            f"[yellow]suspicious:[/] {_shown(suspect.name)} ({len(suspect.keys)} tensors): "
-            f"looks like {_shown(suspect.what)}; fuse refuses it unless --allow-unfused"
-        )
-    console.print(
-        f"total: {params:,} parameters, {nbytes:,} bytes now; "
-        f"{plan.params_after:,} parameters, {plan.bytes_after:,} bytes after fusing"
-    )

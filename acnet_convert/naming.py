@@ -97,7 +97,7 @@ class Dialect:
     with the block's :class:`~acnet_convert.blocks.BlockGeometry`; it returns
     a problem or None. Kernels are stored ``OIHW`` (PyTorch, Paddle) or
     ``HWIO`` (Keras): ``kernel_order`` says which (``kernel_layout`` is its old name;
-    "layout" now means only the output key naming, see :data:`acnet_convert.plan.LAYOUTS`).
+    "layout" now means only the output key naming, see :data:`acnet_convert.layouts.LAYOUTS`).
     ``default_eps`` is the BN epsilon of the framework the dialect comes from.
     ``deploy_folds_bn``: the family's deploy nets also fold their plain conv+BN
     units into ``conv.{weight,bias}`` (DBB's ``ConvBN``), so ``--fold-bn`` is on

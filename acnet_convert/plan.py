@@ -34,6 +34,7 @@ from acnet_convert.dialects import (
 from acnet_convert.errors import NoBlockFound, UnfusableBlockError, UsageError
 from acnet_convert.families import family_title
 from acnet_convert.families.convbn import FOLD_BN, fold_units
+from acnet_convert.layouts import LAYOUTS, get_layout
 
 __all__ = [
     "LAYOUTS",
@@ -45,8 +46,6 @@ __all__ = [
     "plan_fusion",
     "plan_notes",
 ]
-
-LAYOUTS = ("deploy", "baseline", "baseline-bias")
 
 
 @dataclass(frozen=True)
@@ -153,35 +152,6 @@ class FusionPlan:
     def dialect_names(self) -> str:
         """The dialects used, joined with '+' for a checkpoint mixing families."""
         return "+".join(dict.fromkeys(d.name for d in (self.dialects or (self.dialect,))))
-
-
-def _unit_prefix(spec: BlockSpec) -> str:
-    """The baseline unit ``<u>.`` of a block at ``<u>.acb.`` or directly at ``<u>.``."""
-    p = spec.fields.get("p")
-    if p is None:
-        raise UsageError(
-            f"block '{spec.label}' uses the '{spec.dialect}' dialect, which has no baseline layout; "
-            "use --layout deploy, optionally with --rename"
-        )
-    return p[: -len("acb.")] if p.endswith(".acb.") or p == "acb." else p
-
-
-def _layout_outputs(layout: str, spec: BlockSpec) -> tuple[tuple[str, str], ...]:
-    if layout == "deploy":
-        return ((spec.fused_weight, "weight"), (spec.fused_bias, "bias"))
-    u = _unit_prefix(spec)
-    if layout == "baseline-bias":
-        return ((f"{u}conv.weight", "weight"), (f"{u}conv.bias", "bias"))
-    if layout == "baseline":
-        return (
-            (f"{u}conv.weight", "weight"),
-            (f"{u}bn.weight", "bn_weight"),
-            (f"{u}bn.bias", "bias"),
-            (f"{u}bn.running_mean", "bn_mean"),
-            (f"{u}bn.running_var", "bn_var"),
-            (f"{u}bn.num_batches_tracked", "bn_count"),
-        )
-    raise UsageError(f"unknown layout '{layout}'; choose one of {', '.join(LAYOUTS)}")
 
 
 def _rename(key: str, renames: Sequence[tuple[str, str]]) -> str:
@@ -298,7 +268,7 @@ def _plan_blocks(
             PlannedBlock(
                 spec,
                 geometry,
-                _layout_outputs("deploy" if own is FOLD_BN else options.layout, spec),
+                get_layout("deploy" if own is FOLD_BN else options.layout).outputs(spec),
                 alias_of=alias.primary.label if alias else None,
                 eps=options.eps if options.eps is not None else _default_eps(own, detection),
             )
@@ -376,8 +346,7 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
     eps = options.eps if options.eps is not None else dialect.default_eps
     if not eps >= 0:
         raise UsageError(f"--eps must be a non-negative number, got {eps}")
-    if options.layout not in LAYOUTS:
-        raise UsageError(f"unknown layout '{options.layout}'; choose one of {', '.join(LAYOUTS)}")
+    get_layout(options.layout)  # refuses an unknown layout
     planned, owner, dropped = _plan_blocks(specs, detection, options, infos, source)
     outputs, origins = _lay_out(infos, owner, planned, dialect.kernel_order)
     if options.layout == "baseline":

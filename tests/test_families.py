@@ -369,7 +369,7 @@ def test_stream_slabs_agree_with_one_slab(monkeypatch: pytest.MonkeyPatch, tmp_p
         save_file(c.state, str(src))
         with open_checkpoint(src) as reader:
             whole = fuse_state(reader).tensors
-        monkeypatch.setattr("acnet_convert.convert._SLAB_BYTES", 1)
+        monkeypatch.setattr("acnet_convert.streaming._SLAB_BYTES", 1)
         with open_checkpoint(src) as reader:
             slabbed = fuse_state(reader)
         monkeypatch.undo()

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from acnet_convert.api import tensor_from_stored
 from acnet_convert.checkpoint import open_checkpoint
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -28,12 +29,10 @@ NAMES = sorted(make_fixtures.FIXTURES)
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     with open_checkpoint(path) as reader:
-        out = {}
-        for name, info in reader.tensors.items():
-            array = np.array(reader.read(name))
-            tensor = torch.from_numpy(array)
-            out[name] = tensor.view(torch.bfloat16) if info.dtype == "bfloat16" else tensor
-        return out
+        return {
+            name: tensor_from_stored(np.array(reader.read(name)), info.dtype)
+            for name, info in reader.tensors.items()
+        }
 
 
 @pytest.mark.parametrize("out_fmt", FORMATS)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from acnet_convert import convert
+from acnet_convert import convert, readback
 from acnet_convert.blockcheck import check_block
 from acnet_convert.blocks import load_block
 from acnet_convert.checkpoint import open_checkpoint
@@ -116,7 +116,7 @@ def test_output_and_its_folder_are_fsynced(
 def test_read_back_catches_a_damaged_output(
     tmp_path: Path, run_cli: CliRun, monkeypatch: pytest.MonkeyPatch, fmt: str
 ) -> None:
-    real = convert._confirm_written
+    real = readback.confirm_written
 
     def damaging(tmp, output, outputs, expected):  # type: ignore[no-untyped-def]
         data = bytearray(Path(tmp).read_bytes())
@@ -130,7 +130,7 @@ def test_read_back_catches_a_damaged_output(
         Path(tmp).write_bytes(bytes(data))
         return real(tmp, output, outputs, expected)
 
-    monkeypatch.setattr(convert, "_confirm_written", damaging)
+    monkeypatch.setattr(readback, "confirm_written", damaging)
     out = tmp_path / f"fused.{fmt if fmt != 'hdf5' else 'h5'}"
     result = run_cli("fuse", FIXTURES / "cifar_quick.pth", out, expect=3)
     line = " ".join(result.stderr.split())

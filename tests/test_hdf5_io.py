@@ -184,7 +184,7 @@ def test_writer_streams_in_order_and_checks_arrays(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="float64"):
         write_hdf5(tmp_path / "bad.h5", infos[:1], lambda _: np.zeros(2), {})
     with pytest.raises(ValueError, match="layout"):
-        write_hdf5(tmp_path / "bad.h5", infos, produce, {}, layout="tf")
+        write_hdf5(tmp_path / "bad.h5", infos, produce, {}, flavour="tf")
 
 
 def test_writer_refuses_names_it_cannot_store(tmp_path: Path) -> None:
@@ -193,7 +193,9 @@ def test_writer_refuses_names_it_cannot_store(tmp_path: Path) -> None:
         write_hdf5(tmp_path / "x.h5", [info], lambda _: np.array(1, np.float32), {})
     clash = [TensorInfo("l/w", "float32", ()), TensorInfo("l/w/x", "float32", ())]
     with pytest.raises(UsageError, match="'l/w'"):
-        write_hdf5(tmp_path / "y.h5", clash, lambda _: np.zeros((), np.float32), {}, layout="keras")
+        write_hdf5(
+            tmp_path / "y.h5", clash, lambda _: np.zeros((), np.float32), {}, flavour="keras"
+        )
 
 
 # ----- Keras -------------------------------------------------------------------------
@@ -276,7 +278,7 @@ def test_keras_writer_keeps_layout_for_a_fused_subset(tmp_path: Path, full_model
             [bias, kernel],
             values.__getitem__,
             {},
-            layout="keras",
+            flavour="keras",
             keras_attrs=reader.keras_attrs,
         )
     with h5py.File(out, "r") as handle:
@@ -299,7 +301,7 @@ def test_keras_long_name_lists_are_chunked(tmp_path: Path) -> None:
     layers = [f"block{i:05d}_" + "x" * 40 + "_conv" for i in range(3000)]
     infos = [TensorInfo(f"{name}/{name}/kernel:0", "float32", (1,)) for name in layers]
     out = tmp_path / "many.h5"
-    write_hdf5(out, infos, lambda _: np.ones(1, np.float32), {}, layout="keras")
+    write_hdf5(out, infos, lambda _: np.ones(1, np.float32), {}, flavour="keras")
     with h5py.File(out, "r") as handle:
         assert "layer_names" not in handle.attrs and "layer_names0" in handle.attrs
     with Hdf5Reader(out) as reader:
@@ -319,7 +321,7 @@ def test_keras_listing_a_missing_weight_is_refused(tmp_path: Path) -> None:
 def test_keras_attrs_default(tmp_path: Path) -> None:
     out = tmp_path / "fresh.h5"
     infos = [TensorInfo("d/d/kernel:0", "float32", (2, 2))]
-    write_hdf5(out, infos, lambda _: np.eye(2, dtype=np.float32), {}, layout="keras")
+    write_hdf5(out, infos, lambda _: np.eye(2, dtype=np.float32), {}, flavour="keras")
     with Hdf5Reader(out) as reader:
         assert reader.keras_attrs == KerasAttrs(
             layer_names=("d",), weight_names={"d": ("d/kernel:0",)}

@@ -763,6 +763,7 @@ def _interrupt(monkeypatch: pytest.MonkeyPatch, out_dir: Path, phase: str) -> li
     ("read-back"). Returns the temporary files that existed at that moment.
     """
     import acnet_convert.convert as convert
+    import acnet_convert.readback as readback
 
     present: list[str] = []
 
@@ -790,7 +791,7 @@ def _interrupt(monkeypatch: pytest.MonkeyPatch, out_dir: Path, phase: str) -> li
         def confirm(*args: Any, **kwargs: Any) -> None:
             interrupt()
 
-        monkeypatch.setattr(convert, "_confirm_written", confirm)
+        monkeypatch.setattr(readback, "confirm_written", confirm)
     return present
 
 

@@ -15,6 +15,7 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
+from acnet_convert.api import tensor_from_stored
 from acnet_convert.checkpoint.base import TensorInfo
 from acnet_convert.checkpoint.safetensors_io import SafetensorsReader, write_safetensors
 from acnet_convert.errors import BadCheckpointError
@@ -44,8 +45,7 @@ def _tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.
 
 
 def _as_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
-    tensor = torch.from_numpy(array.copy())
-    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+    return tensor_from_stored(array.copy(), dtype)
 
 
 def _copy_through(reader: SafetensorsReader, out: Path) -> None:

@@ -12,6 +12,8 @@ import pytest
 from conftest import acb_state, bn_stats, save_safetensors, small_state
 
 import acnet_convert.convert as convert
+import acnet_convert.provenance as provenance
+import acnet_convert.streaming as streaming
 from acnet_convert.checkpoint import RawBytes, TensorInfo, open_checkpoint, rawio, write_checkpoint
 from acnet_convert.convert import FuseOptions, fuse_checkpoint, fuse_state, sha256_file
 from acnet_convert.errors import BadCheckpointError
@@ -141,13 +143,13 @@ def test_streaming_output_equals_the_in_memory_result(
     fmt: str, tmp_path: Path, monkeypatch: Any
 ) -> None:
     # Tiny slabs: every block is fused in many pieces, which must change nothing.
-    monkeypatch.setattr(convert, "_SLAB_BYTES", 4096)
+    monkeypatch.setattr(streaming, "_SLAB_BYTES", 4096)
     source = save(wide_state(), tmp_path / f"train{SUFFIX[fmt]}", fmt)
     out = tmp_path / f"fused{SUFFIX[fmt]}"
     report = fuse_checkpoint(source, out, fmt)
     assert all(b.passed for b in report.blocks)
     assert report.source_sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
-    monkeypatch.setattr(convert, "_SLAB_BYTES", 1 << 30)
+    monkeypatch.setattr(streaming, "_SLAB_BYTES", 1 << 30)
     with open_checkpoint(source) as reader:
         whole = fuse_state(reader)
     with open_checkpoint(out) as written:
@@ -199,11 +201,11 @@ def test_copy_range_reports_a_short_source(tmp_path: Path) -> None:
 def test_background_digest_matches_and_can_be_cancelled(tmp_path: Path) -> None:
     path = tmp_path / "data.bin"
     path.write_bytes(np.random.default_rng(0).bytes(3 << 20))
-    digest = convert._BackgroundDigest(path)
+    digest = provenance.BackgroundDigest(path)
     assert digest.hexdigest() == sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
-    stopped = convert._BackgroundDigest(path)
+    stopped = provenance.BackgroundDigest(path)
     stopped.cancel()
-    missing = convert._BackgroundDigest(tmp_path / "gone.bin")
+    missing = provenance.BackgroundDigest(tmp_path / "gone.bin")
     with pytest.raises(BadCheckpointError, match=r"gone\.bin"):
         missing.hexdigest()
 

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from acnet_convert.errors import BadCheckpointError, UsageError
 
 from .base import CheckpointReader, Container, RawBytes, TensorInfo
-
-if TYPE_CHECKING:
-    from .hdf5_io import KerasAttrs
 
 __all__ = [
     "FORMATS",
@@ -118,7 +114,7 @@ def write_checkpoint(
     container: Container,
     metadata: dict[str, str],
     source: CheckpointReader | None = None,
-    keras_attrs: KerasAttrs | None = None,
+    writer_state: object | None = None,
 ) -> None:
     """Write ``tensors`` (values from ``produce``, called once each, in order) as ``fmt``.
 
@@ -127,8 +123,9 @@ def write_checkpoint(
 
     The container (wrapper keys, ``module.`` prefix, plain extras) is kept
     where the format can hold it; ``metadata`` goes where the format has room
-    (safetensors ``__metadata__``, HDF5 root attributes). ``keras_attrs``,
-    when given, replaces the Keras layer bookkeeping of ``source``.
+    (safetensors ``__metadata__``, HDF5 root attributes). ``writer_state``,
+    when given, is what ``source.writer_state`` returned: it replaces the
+    format's own bookkeeping of ``source`` (Keras' layer list).
     """
     if fmt in ("safetensors", "hdf5"):
         _require_utf8(fmt, [container.prefix + t.name for t in tensors], metadata)
@@ -137,22 +134,23 @@ def write_checkpoint(
 
         write_safetensors(path, tensors, produce, metadata, prefix=container.prefix)
     elif fmt == "hdf5":
-        from .hdf5_io import write_hdf5
+        from .hdf5_io import KerasAttrs, write_hdf5
 
-        layout = (
-            getattr(source, "layout", "flat")
+        flavour = (
+            getattr(source, "flavour", "flat")
             if source is not None and source.format == "hdf5"
             else "flat"
         )
+        own = writer_state if isinstance(writer_state, KerasAttrs) else None
         write_hdf5(
             path,
             tensors,
             produce,
             metadata,
-            layout=layout,
+            flavour=flavour,
             prefix=container.prefix,
-            keras_attrs=(keras_attrs or getattr(source, "keras_attrs", None))
-            if layout == "keras"
+            keras_attrs=(own or getattr(source, "keras_attrs", None))
+            if flavour == "keras"
             else None,
         )
     elif fmt == "pth":

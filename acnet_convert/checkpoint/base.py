@@ -17,6 +17,7 @@ import math
 import os
 import stat
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -131,6 +132,15 @@ class CheckpointReader(ABC):
 
         None when they are not (strided, big-endian, compressed, not in the
         file at all) or the tensor is empty; callers then use :meth:`read`.
+        """
+        return None
+
+    def writer_state(self, replaced: Mapping[str, str]) -> object | None:
+        """State private to this reader's format that its writer needs to keep the
+        source's own bookkeeping (Keras' layer list), once each input key of
+        ``replaced`` is replaced by the output key it maps to; None where there
+        is none. Callers hand it to :func:`~acnet_convert.checkpoint.write_checkpoint`
+        unopened.
         """
         return None
 

@@ -16,7 +16,7 @@ from acnet_convert.errors import BadCheckpointError
 
 from .base import Container
 
-__all__ = ["WRAPPER_KEYS", "is_plain_data", "strip_prefix", "unwrap"]
+__all__ = ["WRAPPER_KEYS", "bare_name", "is_plain_data", "strip_prefix", "unwrap"]
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -71,9 +71,14 @@ def _expanded_size(value: Any, depth: int, sizes: dict[int, int], active: set[in
     return total
 
 
-def _bare(name: str) -> str:
-    while name.startswith(_PREFIXES):
-        name = name[len(next(p for p in _PREFIXES if name.startswith(p))) :]
+def bare_name(name: str, prefixes: tuple[str, ...] = _PREFIXES) -> str:
+    """``name`` without any run of wrapper prefixes (``module.``, ``_orig_mod.``) in front.
+
+    >>> bare_name("module._orig_mod.conv.weight")
+    'conv.weight'
+    """
+    while name.startswith(prefixes):
+        name = name[len(next(p for p in prefixes if name.startswith(p))) :]
     return name
 
 
@@ -98,7 +103,7 @@ def strip_prefix(names: list[str], path: Path) -> tuple[str, list[str]]:
     # be fused and written side by side.
     first: dict[str, str] = {}
     for name in current:
-        bare = _bare(name)
+        bare = bare_name(name)
         if bare in first:
             raise BadCheckpointError(
                 f"{path}: key '{bare}' appears twice once the {'/'.join(map(repr, _PREFIXES))} "

@@ -1,6 +1,6 @@
-"""Reading and writing HDF5 checkpoints: upstream ACNet's flat layout and Keras weight files.
+"""Reading and writing HDF5 checkpoints: upstream ACNet's flat files and Keras weight files.
 
-Two layouts are recognised from the file itself:
+Two flavours are recognised from the file itself:
 
 ``flat``
     Upstream ACNet (``utils/misc.py`` ``save_hdf5``/``read_hdf5``): one dataset
@@ -54,11 +54,20 @@ from .containers import strip_prefix
 from .keras_config import bn_epsilons, bn_layers
 from .rawio import copy_range, read_range
 
-__all__ = ["BF16_ATTR", "LAYOUTS", "Hdf5Reader", "KerasAttrs", "replace_keras_layers", "write_hdf5"]
+__all__ = [
+    "BF16_ATTR",
+    "FLAVOURS",
+    "LAYOUTS",
+    "Hdf5Reader",
+    "KerasAttrs",
+    "replace_keras_layers",
+    "write_hdf5",
+]
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS = ("flat", "keras")
+FLAVOURS = ("flat", "keras")
+LAYOUTS = FLAVOURS  # the old name of FLAVOURS
 
 # Dataset attribute that marks uint16 data as bfloat16 bit patterns.
 BF16_ATTR = "dtype"
@@ -99,10 +108,10 @@ class KerasAttrs:
 
 
 class Hdf5Reader(CheckpointReader):
-    """An open HDF5 checkpoint (upstream ACNet flat layout or Keras weights).
+    """An open HDF5 checkpoint (upstream ACNet's flat flavour or Keras weights).
 
-    After opening, ``layout`` is ``"flat"`` or ``"keras"``; for Keras files
-    ``keras_attrs`` holds the layer bookkeeping a writer needs, and
+    After opening, ``flavour`` (also readable as ``layout``) is ``"flat"`` or
+    ``"keras"``; for Keras files ``keras_attrs`` holds the layer bookkeeping a writer needs, and
     ``container.dropped`` names top-level groups that were not read
     (``optimizer_weights``).
 
@@ -111,7 +120,7 @@ class Hdf5Reader(CheckpointReader):
         ...     deps = reader.read("deps")
 
     Raises:
-        BadCheckpointError: unreadable, truncated or corrupt file; a layout that
+        BadCheckpointError: unreadable, truncated or corrupt file; a flavour that
             is neither of the two; a dataset that is not a plain numeric array,
             is a link, or declares more data than the file can hold.
     """
@@ -120,7 +129,7 @@ class Hdf5Reader(CheckpointReader):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self.layout = "flat"
+        self.flavour = "flat"
         self.keras_attrs: KerasAttrs | None = None
         # A Keras full-model file's BN epsilons, keyed by moving-mean tensor (see keras_config).
         self.bn_epsilons: dict[str, float] = {}
@@ -146,18 +155,18 @@ class Hdf5Reader(CheckpointReader):
             ) from err
 
     def _index(self, root: h5py.File, file_size: int) -> None:
-        """Detect the layout and check every dataset, reading no tensor data."""
+        """Detect the flavour and check every dataset, reading no tensor data."""
         self.metadata = _string_attrs(root, self.path)
         weights = _keras_weights_group(root)
         dropped: tuple[str, ...] = ()
         if weights is not None:
-            self.layout = "keras"
+            self.flavour = "keras"
             self.keras_attrs = _read_keras_attrs(weights, self.path)
             if weights is not root:
                 dropped = tuple(k for k in root if k != self.keras_attrs.weights_group)
         found: list[tuple[str, str, str, tuple[int, ...]]] = []
         for rel, dataset in _walk(weights or root, "", self.path, nested=weights is not None):
-            key = rel if self.layout == "keras" else rel.replace("+", "/")
+            key = rel if self.flavour == "keras" else rel.replace("+", "/")
             dtype, shape = _check_dataset(dataset, key, file_size, self.path)
             found.append((key, dataset.name, dtype, shape))
         if not found:
@@ -176,6 +185,22 @@ class Hdf5Reader(CheckpointReader):
     def __enter__(self) -> Hdf5Reader:
         return self
 
+    @property
+    def layout(self) -> str:
+        """The old name of :attr:`flavour`."""
+        return self.flavour
+
+    def writer_state(self, replaced: Mapping[str, str]) -> KerasAttrs | None:
+        """The Keras layer list with each replaced key's layer followed by its new layer's."""
+        if self.keras_attrs is None:
+            return None
+        layers = {
+            old.split("/", 1)[0]: new.split("/", 1)[0]
+            for old, new in replaced.items()
+            if "/" in old and "/" in new
+        }
+        return replace_keras_layers(self.keras_attrs, layers)
+
     def read(self, name: str) -> np.ndarray:
         """The tensor ``name`` as a new C-contiguous array of its storage dtype.
 
@@ -186,20 +211,7 @@ class Hdf5Reader(CheckpointReader):
             BadCheckpointError: the data cannot be read (corrupt file).
             KeyError: no tensor of that name (a caller bug).
         """
-        info = self.tensors[name]
-        out = np.empty(info.shape, dtype=dtypes.numpy_dtype(info.dtype))
-        if out.size == 0:
-            return out
-        if self._file is None:
-            raise ValueError(f"{self.path}: the reader is closed")
-        try:
-            self._file[self._paths[name]].read_direct(out)
-        except _H5_ERRORS as err:
-            raise BadCheckpointError(
-                f"{self.path}: dataset '{name}' cannot be read ({_reason(err)}); "
-                "the file is truncated or corrupt"
-            ) from err
-        return out
+        return read_dataset(self._file, self._paths[name], self.tensors[name], self.path)
 
     def raw(self, name: str) -> RawBytes | None:
         """Where a dataset's bytes lie, for contiguous little-endian storage in this file.
@@ -388,12 +400,34 @@ def _check_keras_listing(attrs: KerasAttrs, datasets: set[str], path: Path) -> N
                 )
 
 
+def read_dataset(file: h5py.File | None, h5_path: str, info: TensorInfo, path: Path) -> np.ndarray:
+    """The dataset at ``h5_path`` of an open file as a new array of ``info``'s storage dtype.
+
+    Raises:
+        BadCheckpointError: the data cannot be read (corrupt file).
+        ValueError: the file is closed (a caller bug).
+    """
+    out = np.empty(info.shape, dtype=dtypes.numpy_dtype(info.dtype))
+    if out.size == 0:
+        return out
+    if file is None:
+        raise ValueError(f"{path}: the reader is closed")
+    try:
+        file[h5_path].read_direct(out)
+    except _H5_ERRORS as err:
+        raise BadCheckpointError(
+            f"{path}: dataset '{info.name}' cannot be read ({_reason(err)}); "
+            "the file is truncated or corrupt"
+        ) from err
+    return out
+
+
 def _walk(
     group: h5py.Group, base: str, path: Path, *, nested: bool
 ) -> Iterator[tuple[str, h5py.Dataset]]:
     """Datasets under ``group`` in h5py's order, depth first, refusing links and odd objects.
 
-    ``nested`` is False for the flat layout, where a group means the file is
+    ``nested`` is False for the flat flavour, where a group means the file is
     something else.
     """
     for key in group:
@@ -514,23 +548,23 @@ def _set_name_list(obj: h5py.HLObject, name: str, names: Sequence[str]) -> None:
             obj.attrs[f"{name}{index}"] = part
 
 
-def _check_names(full_names: Sequence[str], layout: str) -> None:
-    """Refuse names the layout cannot store faithfully (they come from user checkpoints)."""
+def _check_names(full_names: Sequence[str], flavour: str) -> None:
+    """Refuse names the flavour cannot store faithfully (they come from user checkpoints)."""
     if len(set(full_names)) != len(full_names):
         raise ValueError("tensor names are not unique")
     for full in full_names:
-        if layout == "flat" and "+" in full:
+        if flavour == "flat" and "+" in full:
             raise UsageError(
-                f"key '{full}' contains '+', which upstream ACNet's HDF5 layout uses for '/'; "
+                f"key '{full}' contains '+', which upstream ACNet's flat HDF5 files use for '/'; "
                 "write safetensors or .pth instead"
             )
-        parts = [full] if layout == "flat" else full.split("/")
+        parts = [full] if flavour == "flat" else full.split("/")
         if any(part in ("", ".", "..") for part in parts):
             raise UsageError(
                 f"key '{full}' cannot be an HDF5 dataset name (empty or '.' path parts); "
                 "write safetensors or .pth instead"
             )
-    if layout == "keras":
+    if flavour == "keras":
         # 'a/b' and 'a/b/c' would need 'a/b' to be a dataset and a group at once.
         known = set(full_names)
         for longer in full_names:
@@ -620,7 +654,7 @@ def write_hdf5(
     produce: Callable[[str], np.ndarray | RawBytes],
     metadata: dict[str, str],
     *,
-    layout: str = "flat",
+    flavour: str = "flat",
     prefix: str = "",
     keras_attrs: KerasAttrs | None = None,
 ) -> None:
@@ -638,34 +672,36 @@ def write_hdf5(
             (bfloat16 as uint16 bit patterns; stored with ``dtype="bfloat16"``),
             or :class:`RawBytes` holding exactly those elements.
         metadata: written as string attributes of the root.
-        layout: ``"flat"`` (upstream ACNet: ``/`` in names stored as ``+``) or
+        flavour: ``"flat"`` (upstream ACNet: ``/`` in names stored as ``+``) or
             ``"keras"`` (a tensor ``layer/weight/path`` is dataset
             ``weight/path`` of layer group ``layer``, listed in the
             ``layer_names`` and ``weight_names`` attributes).
         prefix: put back in front of every name.
         keras_attrs: the source file's Keras bookkeeping, to keep its layer
             order, layers without weights, ``model_weights`` nesting and
-            version attributes; None for a fresh layout.
+            version attributes; None for a fresh file.
 
     Raises:
-        UsageError: a name the layout cannot store (``+`` in a flat-layout
+        UsageError: a name the flavour cannot store (``+`` in a flat-flavour
             key, empty path parts).
-        ValueError: an unknown layout, duplicate names, or a produced array
+        ValueError: an unknown flavour, duplicate names, or a produced array
             that does not match its :class:`TensorInfo` (caller bugs).
 
     Example:
         >>> write_hdf5(Path("out.hdf5"), [TensorInfo("deps", "int64", (3,))],
         ...            lambda n: np.array([16, 32, 64]), {})  # doctest: +SKIP
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown HDF5 layout '{layout}'; expected one of {LAYOUTS}")
+    if flavour not in FLAVOURS:
+        raise ValueError(
+            f"unknown HDF5 flavour '{flavour}' (the layout of its groups); expected one of {FLAVOURS}"
+        )
     full_names = [prefix + info.name for info in tensors]
-    _check_names(full_names, layout)
+    _check_names(full_names, flavour)
     with h5py.File(path, "w") as handle, _OwnDescriptor(path) as raw_fd:
         for key, value in metadata.items():
             handle.attrs[key] = value
         group: h5py.Group = handle
-        if layout == "keras":
+        if flavour == "keras":
             attrs = keras_attrs or KerasAttrs()
             if attrs.weights_group:
                 group = handle.create_group(attrs.weights_group)
@@ -679,7 +715,7 @@ def write_hdf5(
                 _set_name_list(group.create_group(layer), "weight_names", weight_names[layer])
         for info, full in zip(tensors, full_names, strict=True):
             produced = produce(info.name)
-            name = full.replace("/", "+") if layout == "flat" else full
+            name = full.replace("/", "+") if flavour == "flat" else full
             if isinstance(produced, RawBytes):
                 check_raw(info, produced)
                 if produced.length >= _RAW_COPY_MIN:

@@ -32,11 +32,10 @@ from typing import IO, Any
 import h5py
 import numpy as np
 
-from acnet_convert import dtypes
 from acnet_convert.errors import BadCheckpointError
 
 from .base import CheckpointReader, Container, RawBytes, TensorInfo
-from .hdf5_io import _H5_ERRORS, _check_dataset, _reason
+from .hdf5_io import _H5_ERRORS, _check_dataset, _reason, read_dataset
 from .keras_config import bn_epsilons, bn_layers
 
 __all__ = ["Keras3Reader", "is_keras3_weights", "snake_case"]
@@ -136,7 +135,7 @@ class Keras3Reader(CheckpointReader):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self.layout = "keras"  # written back as a Keras 2 style weight file
+        self.flavour = "keras"  # written back as a Keras 2 style weight file
         self.keras_attrs = None
         self.bn_epsilons: dict[str, float] = {}
         self._paths: dict[str, str] = {}
@@ -156,6 +155,11 @@ class Keras3Reader(CheckpointReader):
                 f"{path}: cannot be read as Keras 3 weights ({_reason(err)}); "
                 "the file is truncated or corrupt"
             ) from err
+
+    @property
+    def layout(self) -> str:
+        """The old name of :attr:`flavour`."""
+        return self.flavour
 
     def _open(self) -> Any:
         if not zipfile.is_zipfile(self.path):
@@ -204,20 +208,7 @@ class Keras3Reader(CheckpointReader):
             self.bn_epsilons = bn_epsilons(bn_layers(json.dumps(config)), list(self.tensors))
 
     def read(self, name: str) -> np.ndarray:
-        info = self.tensors[name]
-        out = np.empty(info.shape, dtype=dtypes.numpy_dtype(info.dtype))
-        if out.size == 0:
-            return out
-        if self._file is None:
-            raise ValueError(f"{self.path}: the reader is closed")
-        try:
-            self._file[self._paths[name]].read_direct(out)
-        except _H5_ERRORS as err:
-            raise BadCheckpointError(
-                f"{self.path}: dataset '{name}' cannot be read ({_reason(err)}); "
-                "the file is truncated or corrupt"
-            ) from err
-        return out
+        return read_dataset(self._file, self._paths[name], self.tensors[name], self.path)
 
     def raw(self, name: str) -> RawBytes | None:
         return None

@@ -16,11 +16,11 @@ from acnet_convert.checkpoint import CheckpointReader
 from acnet_convert.errors import (
     BadCheckpointError,
     UnfusableBlockError,
-    UsageError,
 )
-from acnet_convert.fusion import BNStats, compare_outputs, fold_bn
+from acnet_convert.fusion import compare_outputs
+from acnet_convert.keyfit import a_few
+from acnet_convert.layouts import LAYOUTS, closest_layout, get_layout, planned_layouts
 from acnet_convert.plan import (
-    LAYOUTS,
     FuseOptions,
     FusionPlan,
     NamingOptions,
@@ -87,27 +87,11 @@ def _plan_for(
         chosen = recorded["acnet_convert.layout"]
     if chosen != "auto":
         return plan_fusion(train, fuse_options(chosen)), chosen
-    best: tuple[int, FusionPlan, str] | None = None
-    for layout in LAYOUTS:
-        try:
-            plan = plan_fusion(train, fuse_options(layout))
-        except (UsageError, UnfusableBlockError):
-            if layout == "deploy":
-                raise
-            continue  # e.g. a dialect with no baseline layout
-        wanted = _required_outputs(plan)
-        present = sum(k in fused_keys for k in wanted)
-        if present == len(wanted):
-            return plan, layout
-        if best is None or present > best[0]:
-            best = (present, plan, layout)
+    planned = planned_layouts(lambda layout: plan_fusion(train, fuse_options(layout)))
+    best = closest_layout(planned, fused_keys)
     if best is None:  # pragma: no cover - the deploy layout always plans or raises
         raise UnfusableBlockError(f"{train.path}: no layout fits")
-    return best[1], best[2]
-
-
-def _required_outputs(plan: FusionPlan) -> list[str]:
-    return [key for block in plan.blocks for key, role in block.outputs if role != "bn_count"]
+    return best
 
 
 def _fused_values(
@@ -147,19 +131,11 @@ def _fused_values(
         if role == "weight":
             stored = info.dtype
         values[role] = dtypes.to_float64(fused.read(key), info.dtype)
-    weight = np.ascontiguousarray(from_layout(values["weight"], plan.dialect.kernel_order))
-    if layout == "baseline":
-        bn = BNStats(
-            mean=values["bn_mean"],
-            var=values["bn_var"],
-            weight=values["bn_weight"],
-            bias=values["bias"],
-            eps=plan.eps,
-        )
-        with np.errstate(invalid="ignore", divide="ignore"):
-            weight, bias = fold_bn(weight, None, bn)
-        return weight, bias, stored
-    return weight, values["bias"], stored
+    values["weight"] = np.ascontiguousarray(
+        from_layout(values["weight"], plan.dialect.kernel_order)
+    )
+    weight, bias = get_layout(layout).decode(values, plan.eps)
+    return weight, bias, stored
 
 
 def _block_cases(
@@ -247,8 +223,7 @@ def _accounting_cases(
 
 
 def _listing_case(kind: str, name: str, keys: list[str], what: str, passed: bool) -> CaseResult:
-    shown = ", ".join(repr(k) for k in keys[:_SHOW_KEYS])
-    more = f" and {len(keys) - _SHOW_KEYS} more" if len(keys) > _SHOW_KEYS else ""
+    shown = a_few([repr(k) for k in keys], _SHOW_KEYS)
     nan = math.nan
     return CaseResult(
         name=name,
@@ -259,7 +234,7 @@ def _listing_case(kind: str, name: str, keys: list[str], what: str, passed: bool
         cosine=nan,
         ref_max=nan,
         allowed=nan,
-        detail=f"{what}: {shown}{more}",
+        detail=f"{what}: {shown}",
     )
 
 

@@ -14,10 +14,10 @@ from acnet_convert.errors import (
     ACNetConvertError,
     BadCheckpointError,
 )
-from acnet_convert.fusion import BNStats, fold_bn
+from acnet_convert.keyfit import a_few, key_misfit
+from acnet_convert.layouts import get_layout, planned_layouts, required_keys
 from acnet_convert.plan import FuseOptions, plan_fusion
 from acnet_convert.verify.archs import _arch_spec
-from acnet_convert.verify.blockmode import _required_outputs
 from acnet_convert.verify.factories import _call_factory, _load_factory, _takes_deploy
 from acnet_convert.verify.options import _SHOW_KEYS, VerifyOptions
 
@@ -28,35 +28,24 @@ if TYPE_CHECKING:
 __all__ = ["NetForms", "load_deployed", "net_forms"]
 
 
-# Keys that never change what a net computes in eval mode: BN step counters, and
-# the channel-width table upstream's hdf5 files carry beside the weights.
-_COUNTER_SUFFIX = "num_batches_tracked"
-_NON_WEIGHT_KEYS = frozenset({"deps"})
-
-
 def _state_dict(reader: CheckpointReader) -> dict[str, torch.Tensor]:
     """A reader's tensors as torch tensors on the CPU (bfloat16 from its bit patterns)."""
-    import torch
+    from acnet_convert.api import tensor_from_stored
 
-    out: dict[str, torch.Tensor] = {}
-    for name, info in reader.tensors.items():
-        array = np.array(reader.read(name))  # a writable copy: readers may hand out file views
-        tensor = torch.from_numpy(array)
-        out[name] = tensor.view(torch.bfloat16) if info.dtype == "bfloat16" else tensor
-    return out
+    # a copy: readers may hand out views of the file, which must not outlive it
+    return {
+        name: tensor_from_stored(np.array(reader.read(name)), info.dtype)
+        for name, info in reader.tensors.items()
+    }
 
 
 def _describe_keys(keys: Sequence[str]) -> str:
-    shown = ", ".join(f"'{k}'" for k in keys[:_SHOW_KEYS])
-    return shown + (f" and {len(keys) - _SHOW_KEYS} more" if len(keys) > _SHOW_KEYS else "")
+    return a_few([f"'{k}'" for k in keys], _SHOW_KEYS)
 
 
 def _key_misfit(net: nn.Module, given: Mapping[str, object]) -> tuple[list[str], list[str]]:
     """Keys the net needs that ``given`` lacks, and keys ``given`` has that the net does not."""
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in given and not k.endswith(_COUNTER_SUFFIX)]
-    unexpected = [k for k in given if k not in expected and k not in _NON_WEIGHT_KEYS]
-    return missing, unexpected
+    return key_misfit(net.state_dict(), given)
 
 
 def _load_strict(
@@ -110,17 +99,16 @@ def _to_deploy_keys(
     (the baseline's identity BN folded into the conv), or None where neither fits."""
     import torch
 
-    layouts = ("baseline", "baseline-bias") if options.layout == "auto" else (options.layout,)
-    for layout in layouts:
-        if layout == "deploy":
-            continue
-        try:
-            plan = plan_fusion(
-                train, FuseOptions(layout=layout, dialect=options.dialect, eps=options.eps)
-            )
-        except ACNetConvertError:
-            continue
-        if not all(k in fused_state for k in _required_outputs(plan)):
+    names = ("baseline", "baseline-bias") if options.layout == "auto" else (options.layout,)
+    planned = planned_layouts(
+        lambda layout: plan_fusion(
+            train, FuseOptions(layout=layout, dialect=options.dialect, eps=options.eps)
+        ),
+        [name for name in names if name != "deploy"],
+        refusable=(ACNetConvertError,),
+    )
+    for layout, plan, _ in planned:
+        if plan is None or not all(k in fused_state for k in required_keys(plan)):
             continue
         state = dict(fused_state)
         for block in plan.blocks:
@@ -130,11 +118,7 @@ def _to_deploy_keys(
                 for role, v in values.items()
                 if role != "bn_count"
             }
-            weight, bias = f64["weight"], f64["bias"]
-            if layout == "baseline":
-                bn = BNStats(f64["bn_mean"], f64["bn_var"], f64["bn_weight"], f64["bias"], plan.eps)
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    weight, bias = fold_bn(weight, None, bn)
+            weight, bias = get_layout(layout).decode(f64, plan.eps)
             state[block.spec.fused_weight] = torch.from_numpy(np.ascontiguousarray(weight))
             state[block.spec.fused_bias] = torch.from_numpy(np.ascontiguousarray(bias))
         return layout, state

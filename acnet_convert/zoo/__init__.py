@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any, Literal
 
+from acnet_convert.checkpoint.containers import bare_name
 from acnet_convert.errors import UsageError
+from acnet_convert.keyfit import NON_WEIGHT_KEYS, is_counter
 
 if TYPE_CHECKING:
     from torch import nn
@@ -206,15 +208,6 @@ def arch_keys(name: str, form: str = "train") -> frozenset[str]:
     return frozenset(model.state_dict())
 
 
-def _strip_prefix(key: str) -> str:
-    while key.startswith("module."):
-        key = key[len("module.") :]
-    return key
-
-
-_NBT = ".num_batches_tracked"
-
-
 def match_arch(keys: Iterable[str]) -> list[str]:
     """The architectures whose train- or deploy-form state dict has exactly ``keys``.
 
@@ -225,14 +218,14 @@ def match_arch(keys: Iterable[str]) -> list[str]:
     >>> match_arch(["conv1.weight"])
     []
     """
-    given = {_strip_prefix(k) for k in keys} - {"deps"}
-    has_nbt = any(k.endswith(_NBT) for k in given)
+    given = {bare_name(k, ("module.",)) for k in keys} - NON_WEIGHT_KEYS
+    has_nbt = any(is_counter(k) for k in given)
     found = []
     for name in ARCHS:
         for form in ("train", "deploy"):
             expected = arch_keys(name, form)
             if not has_nbt:
-                expected = frozenset(k for k in expected if not k.endswith(_NBT))
+                expected = frozenset(k for k in expected if not is_counter(k))
             if given == expected:
                 found.append(name)
                 break

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from acnet_convert.export import ExportResult
     from acnet_convert.quant import QuantReport
 
+from acnet_convert.cli.render import _escape
+
 __all__ = ["render_export", "render_quant_report"]
 
 _QUANT_ROWS = 30  # longer reports show every flagged layer, then the worst of the rest
-
-
-def _shown(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], text))
 
 
 def _db(value: float) -> str:
@@ -45,7 +40,7 @@ def render_quant_report(report: QuantReport, console: Any, title: str | None = N
         hidden = len(layers) - len(keep)
         layers = [x for x in layers if id(x) in keep]
     table = Table(
-        title=title or f"int8 readiness of {_shown(report.source)} (symmetric, -127..127)",
+        title=title or f"int8 readiness of {_escape(report.source)} (symmetric, -127..127)",
         title_justify="left",
     )
     table.add_column("conv", overflow="fold")
@@ -67,7 +62,7 @@ def render_quant_report(report: QuantReport, console: Any, title: str | None = N
         if x.zero_channels:
             spread += f" ({x.zero_channels} zero)"
         table.add_row(
-            _shown(x.name),
+            _escape(x.name),
             "x".join(map(str, x.shape)),
             f"{x.w_min:.3g}",
             f"{x.w_max:.3g}",
@@ -95,7 +90,7 @@ def render_export(result: ExportResult, console: Any) -> None:
     from rich.table import Table
 
     before = Table(
-        title=f"{_shown(result.network)} -> {_shown(result.output)} "
+        title=f"{_escape(result.network)} -> {_escape(result.output)} "
         f"(opset {result.opset}, input {'N' if result.dynamic_batch else ''}"
         f"[{', '.join(map(str, result.input_shape))}])",
         title_justify="left",
@@ -125,7 +120,7 @@ def render_export(result: ExportResult, console: Any) -> None:
     checks.add_column("result")
     for c in result.cases:
         checks.add_row(
-            _shown(c.name),
+            _escape(c.name),
             f"{c.max_abs:.3g}",
             f"{c.max_rel:.3g}",
             f"{c.cosine:.9f}",

@@ -1,0 +1,148 @@
+"""The click group and what every command shares: consoles, --json, common options, parsing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from acnet_convert import __version__
+from acnet_convert.errors import (
+    UsageError,
+)
+
+__all__ = ["EXIT_INTERNAL", "cli"]
+
+
+EXIT_INTERNAL = 70
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+_EXIT_HELP = """
+Exit codes: 0 success, 1 verification found a mismatch, 2 usage error,
+3 unusable input (unreadable, corrupt or unsafe file, no block found,
+inconsistent block).
+"""
+
+
+def _stderr() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _stdout() -> Any:
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        # Piped into a file or grep: keep long key names on one line.
+        console = Console(highlight=False, width=200)
+    return console
+
+
+_json_printed: list[bool] = []  # whether a command already printed its JSON document
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False, allow_nan=True))
+    _json_printed.append(True)
+
+
+def _json_option(fn: F) -> F:
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print a machine-readable JSON report on stdout."
+    )(fn)
+
+
+_LAYOUT_CHOICE = click.Choice(["deploy", "baseline", "baseline-bias"])
+
+
+def _naming_options(fn: F) -> F:
+    """--dialect and --patterns, which fuse and inspect share."""
+    fn = click.option(
+        "--patterns",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="TOML file defining extra naming dialects (see README).",
+    )(fn)
+    return click.option(
+        "--family",
+        "--dialect",
+        "dialect",
+        default=None,
+        help="Force a block family (acnet, dbb, repvgg, repconv, mobileone, timm, replknet) "
+        "or one naming dialect instead of detecting it (see 'inspect').",
+    )(fn)
+
+
+def _trust_option(fn: F) -> F:
+    return click.option(
+        "--trust-pickle",
+        is_flag=True,
+        help="Load .pth files with full pickle, which can run code stored in the file. "
+        "Only for files you trust; see SECURITY.md.",
+    )(fn)
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=_EXIT_HELP,
+)
+@click.version_option(__version__, prog_name="acnet-convert")
+def cli() -> None:
+    """Fuse trained ACNet checkpoints into plain-conv checkpoints, and prove they agree.
+
+    \b
+    acnet-convert fuse TRAIN OUT      training checkpoint -> deployable checkpoint
+    acnet-convert inspect CKPT        tensors, container and blocks found
+    acnet-convert verify TRAIN FUSED  numerical equivalence, for people and CI
+    acnet-convert export CKPT OUT.onnx --arch NAME   deployed net as ONNX, checked
+
+    Formats: .pth/.pt (torch), .hdf5/.h5 (upstream ACNet, Keras), .safetensors,
+    detected from the file's content.
+    """
+
+
+def _parse_renames(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    import re
+
+    rules = []
+    for value in values:
+        pattern, sep, replacement = value.partition("=")
+        if not sep or not pattern:
+            raise UsageError(f"--rename '{value}': expected REGEX=REPLACEMENT")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise UsageError(f"--rename '{value}': bad regular expression: {err}") from err
+        rules.append((pattern, replacement))
+    return tuple(rules)
+
+
+def _load_patterns(path: Path | None) -> tuple[Any, ...]:
+    if path is None:
+        return ()
+    from acnet_convert.patterns import load_patterns
+
+    return tuple(load_patterns(path))
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:,.1f} MB, {nbytes:,} bytes" if nbytes >= 100_000 else f"{nbytes:,} bytes"
+
+
+def _write_text(path: Path, text: str) -> None:
+    from acnet_convert.atomic import atomic_output
+
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

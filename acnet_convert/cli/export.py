@@ -1,0 +1,231 @@
+"""``acnet-convert export``: the deployed net as ONNX, proven against the checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from acnet_convert.cli.app import (
+    _EXIT_HELP,
+    _emit_json,
+    _json_option,
+    _stderr,
+    _stdout,
+    _trust_option,
+    cli,
+)
+from acnet_convert.cli.render import _escape
+from acnet_convert.errors import (
+    ACNetConvertError,
+    UsageError,
+)
+
+__all__ = ["export"]
+
+
+@cli.command(epilog=_EXIT_HELP)
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--arch", default=None, metavar="NAME", help="Built-in architecture (see 'archs').")
+@click.option(
+    "--model",
+    default=None,
+    metavar="FILE.py:FACTORY",
+    help="Your own factory (FILE.py:FACTORY or package.module:FACTORY) building the "
+    "training-time net; its deployed form is factory(deploy=True) where it takes 'deploy'.",
+)
+@click.option(
+    "--model-arg",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Keyword argument for --model's factory (repeatable; values read as Python literals).",
+)
+@click.option(
+    "--input-shape",
+    default=None,
+    metavar="C,H,W",
+    help="Shape of one input. [default: the architecture's]",
+)
+@click.option(
+    "--opset",
+    type=int,
+    default=None,
+    help="ONNX opset, 14 or newer. [default: the exporter's, 20 with torch 2.13]",
+)
+@click.option("--dynamic-batch", is_flag=True, help="Make the batch axis symbolic.")
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Seeded inputs per check (with --dynamic-batch, also batch+1).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the test batch.")
+@click.option(
+    "--rtol",
+    type=float,
+    default=None,
+    help="Pass when max_abs <= atol + rtol * max|reference|. [default: verify's: 1e-5 in "
+    "float32; against the training net, 1e-2 for float16 and 5e-2 for bfloat16 checkpoints]",
+)
+@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance.")
+@click.option(
+    "--eps", type=float, default=None, help="BatchNorm epsilon for fusing. [default: as fuse]"
+)
+@click.option("--dialect", default=None, help="Force CKPT's naming dialect (see 'inspect').")
+@click.option(
+    "--loss-threshold",
+    type=float,
+    default=20.0,
+    show_default=True,
+    metavar="DB",
+    help="Flag a conv when per-tensor int8 costs its worst channel more than this many dB.",
+)
+@click.option(
+    "--plot",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    metavar="FILE.png",
+    help="Draw the graph's int8 figures per layer (needs pip install 'acnet-convert[plot]').",
+)
+@click.option("--force", "-f", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No notes or summary on stderr.")
+@_trust_option
+@_json_option
+def export(
+    checkpoint: Path,
+    output: Path,
+    arch: str | None,
+    model: str | None,
+    model_arg: tuple[str, ...],
+    input_shape: str | None,
+    opset: int | None,
+    dynamic_batch: bool,
+    batch: int,
+    seed: int,
+    rtol: float | None,
+    atol: float,
+    eps: float | None,
+    dialect: str | None,
+    loss_threshold: float,
+    plot: Path | None,
+    force: bool,
+    quiet: bool,
+    trust_pickle: bool,
+    as_json: bool,
+) -> None:
+    """Export the deployed net as one ONNX file and prove it: export CKPT OUT.onnx --arch NAME.
+
+    \b
+    CKPT is a training checkpoint (fused in memory first, as 'fuse' would) or a
+    fused one. The deployed net is built (--arch or --model), loaded strictly and
+    exported with torch.onnx, weights inside the file; ONNX Runtime (CPU) then runs
+    it on a seeded batch, compared with the PyTorch deployed net and, for a training
+    checkpoint, the training-time net. OUT appears only when they agree (exit 1 otherwise).
+    Needs the export extra: pip install 'acnet-convert[export]'.
+    """
+    try:
+        result = _run_export(
+            checkpoint, output, arch, model, model_arg, input_shape, opset, dynamic_batch,
+            batch, seed, rtol, atol, eps, dialect, loss_threshold, plot, force, trust_pickle,
+            quiet,
+        )  # fmt: skip
+    except ACNetConvertError as error:
+        if as_json:
+            _emit_json(
+                {
+                    "schema": 1,
+                    "report": "acnet-convert export",
+                    "passed": False,
+                    "source": str(checkpoint),
+                    "output": str(output),
+                    "written": False,
+                    "error": str(error),
+                    "exit_code": error.exit_code,
+                }
+            )
+        raise
+    err = _stderr()
+    if not quiet:
+        for note in result.notes:
+            err.print(f"note: {_escape(note)}")
+    if as_json:
+        _emit_json(result.as_json())
+    else:
+        from acnet_convert.cli.exportview import render_export
+
+        render_export(result, _stdout())
+    if not result.passed:
+        from acnet_convert.errors import VerificationError
+
+        raise VerificationError(result.failure_message())
+    if plot is not None:
+        from acnet_convert.quantplot import plot_quant_report
+
+        plot_quant_report(result.quant, plot)
+        if not quiet:
+            err.print(f"wrote {_escape(str(plot))}")
+    if not quiet:
+        worst = max(result.cases, key=lambda c: c.max_rel)
+        err.print(
+            f"exported {_escape(result.output)} ({result.onnx_bytes:,} bytes, opset "
+            f"{result.opset}, {result.onnx_nodes.get('Conv', 0)} Conv nodes) in "
+            f"{result.seconds:.2f} s; ONNX Runtime agrees (max_rel {worst.max_rel:.3g})"
+        )
+
+
+def _run_export(
+    checkpoint: Path,
+    output: Path,
+    arch: str | None,
+    model: str | None,
+    model_arg: Sequence[str],
+    input_shape: str | None,
+    opset: int | None,
+    dynamic_batch: bool,
+    batch: int,
+    seed: int,
+    rtol: float | None,
+    atol: float,
+    eps: float | None,
+    dialect: str | None,
+    loss_threshold: float,
+    plot: Path | None,
+    force: bool,
+    trust_pickle: bool,
+    quiet: bool,
+) -> Any:
+    from acnet_convert.export import ExportOptions, export_onnx
+    from acnet_convert.verify import parse_input_shape, parse_model_args
+
+    if plot is not None:
+        from acnet_convert.quantplot import require_plot_extra
+
+        require_plot_extra()
+        if not plot.parent.is_dir():
+            raise UsageError(f"--plot {plot}: the folder '{plot.parent}' does not exist")
+    options = ExportOptions(
+        arch=arch,
+        model=model,
+        model_args=parse_model_args(model_arg),
+        input_shape=parse_input_shape(input_shape) if input_shape is not None else None,
+        opset=opset,
+        dynamic_batch=dynamic_batch,
+        batch=batch,
+        seed=seed,
+        rtol=rtol,
+        atol=atol,
+        eps=eps,
+        dialect=dialect,
+        trust_pickle=trust_pickle,
+        force=force,
+        loss_threshold_db=loss_threshold,
+    )
+    err = _stderr()
+    if quiet or not err.is_terminal:
+        return export_onnx(checkpoint, output, options)
+    with err.status(f"exporting {checkpoint.name} to {output.name}..."):
+        return export_onnx(checkpoint, output, options)

@@ -1,0 +1,364 @@
+"""``acnet-convert fuse``: one checkpoint, or a batch into --out-dir; --dry-run."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from acnet_convert.cli.app import (
+    _EXIT_HELP,
+    _LAYOUT_CHOICE,
+    _emit_json,
+    _json_option,
+    _load_patterns,
+    _naming_options,
+    _parse_renames,
+    _stderr,
+    _stdout,
+    _trust_option,
+    cli,
+)
+from acnet_convert.cli.main import _fail
+from acnet_convert.cli.render import _details, _escape, _summary
+from acnet_convert.errors import (
+    UsageError,
+)
+
+__all__ = ["fuse"]
+
+
+def _fuse_options(
+    eps: float | None,
+    no_check: bool,
+    layout: str,
+    dialect: str | None,
+    patterns: Path | None,
+    rename: Sequence[str],
+    trust_pickle: bool,
+    *,
+    fold_bn: bool | None = None,
+    allow_unfused: bool = False,
+) -> Any:
+    from acnet_convert.plan import FuseOptions
+
+    return FuseOptions(
+        eps=eps,
+        check=not no_check,
+        layout=layout,
+        dialect=dialect,
+        extra_dialects=_load_patterns(patterns),
+        renames=_parse_renames(rename),
+        trust_pickle=trust_pickle,
+        fold_bn=fold_bn,
+        allow_unfused=allow_unfused,
+    )
+
+
+@cli.command(epilog=_EXIT_HELP)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--to",
+    "to_format",
+    type=click.Choice(["pth", "hdf5", "safetensors", "pdparams"]),
+    help="Output format (default: from OUT's extension; with --out-dir: the input's).",
+)
+@click.option(
+    "--eps",
+    type=float,
+    default=None,
+    help="BatchNorm epsilon. [default: 1e-5, upstream ACNet's; 1e-3 for Keras files]",
+)
+@click.option("--no-check", is_flag=True, help="Skip the numerical check of every fused block.")
+@click.option("--force", "-f", is_flag=True, help="Replace OUT if it exists.")
+@click.option(
+    "--layout",
+    type=_LAYOUT_CHOICE,
+    default="deploy",
+    show_default=True,
+    help="deploy: <p>.fused_conv.{weight,bias}; baseline: <u>.conv.weight + identity <u>.bn.*; "
+    "baseline-bias: <u>.conv.{weight,bias}.",
+)
+@_naming_options
+@click.option(
+    "--rename",
+    multiple=True,
+    metavar="REGEX=REPLACEMENT",
+    help="Rename output keys (repeatable, applied in order).",
+)
+@click.option("--dry-run", is_flag=True, help="Show what would be written, write nothing.")
+@click.option(
+    "--fold-bn/--no-fold-bn",
+    default=None,
+    help="Also fold every plain conv followed by its own BN (<b>.conv + <b>.bn, "
+    "<b>.<i> + <b>.<i+1>) into the conv's weight and bias, or never. Default: as the "
+    "families' deploy nets do (DBB's fold them; the others' do not).",
+)
+@click.option(
+    "--allow-unfused",
+    is_flag=True,
+    help="Copy tensors that look like unfused training-time branches through, with a note, "
+    "instead of refusing (exit 3).",
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Fuse every PATH into this folder (same file name).",
+)
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Worker processes with --out-dir.",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress or summary on stderr.")
+@click.option(
+    "--verbose", "-v", is_flag=True, help="Also the dialect and each block's figures on stderr."
+)
+@_trust_option
+@_json_option
+def fuse(
+    paths: tuple[Path, ...],
+    to_format: str | None,
+    eps: float | None,
+    no_check: bool,
+    force: bool,
+    layout: str,
+    dialect: str | None,
+    patterns: Path | None,
+    rename: tuple[str, ...],
+    dry_run: bool,
+    fold_bn: bool | None,
+    allow_unfused: bool,
+    out_dir: Path | None,
+    jobs: int,
+    quiet: bool,
+    verbose: bool,
+    trust_pickle: bool,
+    as_json: bool,
+) -> None:
+    """Fuse a training checkpoint: fuse CKPT OUT, or fuse CKPT... --out-dir DIR.
+
+    Every block (square + 1xk + kx1 conv, each with BatchNorm) becomes one
+    conv with a bias; every other tensor is copied bit for bit, in order.
+    Before writing, each fused block is checked numerically against its
+    branches; the output appears only when everything succeeded.
+    """
+    options = _fuse_options(
+        eps,
+        no_check,
+        layout,
+        dialect,
+        patterns,
+        rename,
+        trust_pickle,
+        fold_bn=fold_bn,
+        allow_unfused=allow_unfused,
+    )
+    if out_dir is not None:
+        sys.exit(_fuse_batch(paths, out_dir, to_format, options, force, jobs, quiet, as_json))
+    if len(paths) != 2:
+        raise UsageError("fuse takes CKPT OUT (or several CKPTs with --out-dir DIR)")
+    source, output = paths
+    from acnet_convert.checkpoint import format_for_path
+    from acnet_convert.outputs import prepare_output, remove_created
+
+    created = [] if dry_run else prepare_output(source, output, force=force)
+    try:
+        _fuse_one_file(
+            source,
+            output,
+            format_for_path(output, to_format),
+            options,
+            force,
+            dry_run,
+            quiet,
+            as_json,
+            verbose,
+        )
+    except BaseException:
+        remove_created(created)
+        raise
+
+
+def _fuse_one_file(
+    source: Path,
+    output: Path,
+    fmt: str,
+    options: Any,
+    force: bool,
+    dry_run: bool,
+    quiet: bool,
+    as_json: bool,
+    verbose: bool = False,
+) -> None:
+    if dry_run:
+        _dry_run(source, output, fmt, options, as_json)
+        return
+    from acnet_convert.convert import fuse_checkpoint
+
+    err = _stderr()
+    if quiet or not err.is_terminal:
+        report = fuse_checkpoint(source, output, fmt, options, force=force)
+    else:
+        with err.status("fusing...") as status:
+
+            def progress(stage: str, done: int, total: int) -> None:
+                status.update(
+                    f"{stage} {source.name}: {done}/{total}"
+                    if stage == "fusing"
+                    else f"{stage} {output.name}"
+                )
+
+            report = fuse_checkpoint(source, output, fmt, options, force=force, progress=progress)
+    if not quiet:
+        for note in report.notes:
+            err.print(f"note: {_escape(note)}")
+        if verbose:
+            for line in _details(report):
+                err.print(_escape(line))
+        err.print(_escape(_summary(report)))
+    if as_json:
+        _emit_json(report.as_json())
+
+
+def _fuse_batch(
+    paths: Sequence[Path],
+    out_dir: Path,
+    to_format: str | None,
+    options: Any,
+    force: bool,
+    jobs: int,
+    quiet: bool,
+    as_json: bool,
+) -> int:
+    from acnet_convert.batch import BatchInterrupted, expand_inputs
+
+    sources = expand_inputs(paths)
+    try:
+        return _fuse_batch_items(sources, out_dir, to_format, options, force, jobs, quiet, as_json)
+    except BatchInterrupted as stop:
+        done = ", ".join(i.output for i in stop.completed) or "none"
+        rest = ", ".join(str(p) for p in stop.not_completed) or "none"
+        message = (
+            f"interrupted: {len(stop.completed)} of {len(sources)} outputs were completed and "
+            f"are valid ({done}); not written: {rest}"
+        )
+        if as_json:
+            _emit_json(
+                {
+                    "schema": 1,
+                    "ok": False,
+                    "interrupted": True,
+                    "out_dir": str(out_dir),
+                    "completed": [i.output for i in stop.completed],
+                    "not_completed": [str(p) for p in stop.not_completed],
+                    "error": message,
+                }
+            )
+        _fail(_stderr(), _escape(message), 130)
+
+
+def _fuse_batch_items(
+    sources: Sequence[Path],
+    out_dir: Path,
+    to_format: str | None,
+    options: Any,
+    force: bool,
+    jobs: int,
+    quiet: bool,
+    as_json: bool,
+) -> int:
+    from acnet_convert.batch import fuse_many
+
+    err = _stderr()
+    show = not quiet
+
+    def done(item: Any) -> None:
+        if not show:
+            return
+        if item.error:
+            err.print(f"[bold red]failed:[/] {_escape(item.error)}")
+        else:
+            err.print(f"ok: {_escape(item.source)} -> {_escape(item.output)}")
+
+    if show and err.is_terminal and len(sources) > 1:
+        from rich.progress import Progress
+
+        with Progress(console=err, transient=True) as bar:
+            task = bar.add_task("fusing", total=len(sources))
+
+            def tick(item: Any) -> None:
+                done(item)
+                bar.advance(task)
+
+            items = fuse_many(
+                sources, out_dir, to_format, options, force=force, jobs=jobs, on_done=tick
+            )
+    else:
+        items = fuse_many(
+            sources, out_dir, to_format, options, force=force, jobs=jobs, on_done=done
+        )
+    failed = [i for i in items if i.exit_code != 0]
+    if show:
+        err.print(f"{len(items) - len(failed)} of {len(items)} checkpoints fused into {out_dir}")
+    if as_json:
+        _emit_json(
+            {
+                "schema": 1,
+                "out_dir": str(out_dir),
+                "results": [
+                    {
+                        "source": i.source,
+                        "output": i.output,
+                        "exit_code": i.exit_code,
+                        "error": i.error,
+                        "report": i.report,
+                    }
+                    for i in items
+                ],
+            }
+        )
+    return max((i.exit_code for i in items), default=0)
+
+
+def _dry_run(source: Path, output: Path, fmt: str, options: Any, as_json: bool) -> None:
+    from acnet_convert.checkpoint import open_checkpoint
+    from acnet_convert.plan import plan_fusion
+
+    with open_checkpoint(source, trust_pickle=options.trust_pickle) as reader:
+        plan = plan_fusion(reader, options)
+        mapping = [
+            {"block": b.spec.label, "from": list(b.consumed), "to": [k for k, _ in b.outputs]}
+            for b in plan.blocks
+        ]
+        copied = [{"from": src, "to": dst} for dst, src in plan.origins.items() if src != dst]
+    if as_json:
+        _emit_json(
+            {
+                "source": str(source),
+                "output": str(output),
+                "format_out": fmt,
+                "blocks": mapping,
+                "renamed": copied,
+                "outputs": [t.name for t in plan.outputs],
+            }
+        )
+        return
+    from rich.table import Table
+
+    where = f"{_escape(str(source))} -> {_escape(str(output))}"
+    table = Table(title=f"dry run: {where} ({fmt}), nothing written")
+    table.add_column("block")
+    table.add_column("becomes")
+    for m in mapping:
+        table.add_row(_escape(str(m["block"])), "\n".join(_escape(k) for k in m["to"]))
+    for c in copied:
+        table.add_row(_escape(str(c["from"])), _escape(str(c["to"])))
+    _stdout().print(table)

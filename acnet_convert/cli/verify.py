@@ -1,0 +1,286 @@
+"""``acnet-convert verify`` and ``acnet-convert archs``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from acnet_convert.cli.app import (
+    _EXIT_HELP,
+    _emit_json,
+    _json_option,
+    _load_patterns,
+    _parse_renames,
+    _stderr,
+    _stdout,
+    _trust_option,
+    _write_text,
+    cli,
+)
+from acnet_convert.cli.render import _escape, _render_archs, _render_verify
+from acnet_convert.errors import (
+    ACNetConvertError,
+    UnfusableBlockError,
+    UsageError,
+)
+
+__all__ = ["archs", "verify"]
+
+
+@cli.command(epilog=_EXIT_HELP)
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path), metavar="TRAIN FUSED")
+@click.option(
+    "--arch",
+    default=None,
+    metavar="NAME",
+    help="Rebuild both nets as this built-in architecture (see --list-archs). "
+    "[default: the one TRAIN's keys match, else block by block]",
+)
+@click.option(
+    "--model",
+    default=None,
+    metavar="FILE.py:FACTORY",
+    help="Rebuild both nets from your own factory (FILE.py:FACTORY or package.module:FACTORY), "
+    "which builds the training-time net.",
+)
+@click.option(
+    "--model-arg",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Keyword argument for --model's factory (repeatable; values read as Python literals).",
+)
+@click.option(
+    "--blocks",
+    "blocks_only",
+    is_flag=True,
+    help="Check block by block even where an architecture matches.",
+)
+@click.option("--list-archs", is_flag=True, help="List the built-in architectures and exit.")
+@click.option(
+    "--layout",
+    type=click.Choice(["auto", "deploy", "baseline", "baseline-bias"]),
+    default="auto",
+    show_default=True,
+    help="FUSED's layout; auto: found from its keys.",
+)
+@click.option(
+    "--family",
+    "--dialect",
+    "dialect",
+    default=None,
+    help="Force TRAIN's block family or naming dialect (see 'inspect'). "
+    "[default: what FUSED records, else detected]",
+)
+@click.option(
+    "--patterns",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="TOML file defining extra naming dialects, as given to 'fuse'.",
+)
+@click.option(
+    "--rename",
+    multiple=True,
+    metavar="REGEX=REPLACEMENT",
+    help="The renames given to 'fuse' (repeatable). [default: what FUSED records]",
+)
+@click.option(
+    "--eps",
+    type=float,
+    default=None,
+    help="BatchNorm epsilon. [default: the dialect's in block mode, the nets' own otherwise]",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the random input batch."
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Random inputs per check.",
+)
+@click.option(
+    "--input-shape",
+    default=None,
+    metavar="C,H,W",
+    help="Shape of one random input. [default: the architecture's]",
+)
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Real input batch [N, C, H, W]: a .npy file, or a .pt file holding one tensor.",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto, cpu, cuda or cuda:N (auto: CUDA where present). TF32 is off on CUDA.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float64"]),
+    default="float32",
+    show_default=True,
+    help="Dtype both nets run in.",
+)
+@click.option(
+    "--rtol",
+    type=float,
+    default=None,
+    help="Pass when max_abs <= atol + rtol * max|reference|. [default: 1e-5 in float32, "
+    "1e-10 in float64; 1e-5 where FUSED is stored in float32, 1e-2 float16, 5e-2 bfloat16]",
+)
+@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance.")
+@click.option(
+    "--junit",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Also write the result as JUnit XML to this file, for CI.",
+)
+@click.option(
+    "--allow-extra",
+    is_flag=True,
+    help="Pass although FUSED holds tensors that TRAIN does not explain (block mode).",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No notes or summary on stderr.")
+@_trust_option
+@_json_option
+def verify(
+    paths: tuple[Path, ...],
+    arch: str | None,
+    model: str | None,
+    model_arg: tuple[str, ...],
+    blocks_only: bool,
+    list_archs: bool,
+    layout: str,
+    dialect: str | None,
+    patterns: Path | None,
+    rename: tuple[str, ...],
+    eps: float | None,
+    seed: int,
+    batch: int,
+    input_shape: str | None,
+    input_path: Path | None,
+    device: str,
+    dtype: str,
+    rtol: float | None,
+    atol: float,
+    junit: Path | None,
+    allow_extra: bool,
+    quiet: bool,
+    trust_pickle: bool,
+    as_json: bool,
+) -> None:
+    """Check that FUSED computes the same function as TRAIN: verify TRAIN FUSED.
+
+    \b
+    With --arch (or when TRAIN's keys match one built-in architecture) or
+    --model, both nets are rebuilt, loaded strictly and run on the same batch.
+    Otherwise every block is rebuilt on its own (training-time branches vs
+    the fused conv from FUSED) and checked, which needs no architecture.
+
+    Reports max absolute and relative difference, cosine similarity and, for
+    classifiers, top-1 agreement. Exit 1 names the blocks that differ.
+    """
+    if list_archs:
+        _render_archs(as_json)
+        return
+    if len(paths) != 2:
+        raise UsageError("verify takes TRAIN FUSED (or --list-archs)")
+    from acnet_convert.extras import require_torch
+
+    require_torch("verify")
+    from acnet_convert.verify import (
+        VerifyOptions,
+        junit_error_xml,
+        junit_xml,
+        parse_input_shape,
+        parse_model_args,
+        raise_for_result,
+        verify_checkpoints,
+    )
+
+    train, fused = paths
+    if junit is not None and not junit.parent.is_dir():
+        raise UsageError(f"--junit {junit}: the folder '{junit.parent}' does not exist")
+    err = _stderr()
+    try:
+        options = VerifyOptions(
+            arch=arch,
+            model=model,
+            model_args=parse_model_args(model_arg),
+            blocks=blocks_only,
+            layout=layout,
+            dialect=dialect,
+            eps=eps,
+            seed=seed,
+            batch=batch,
+            input_shape=parse_input_shape(input_shape) if input_shape is not None else None,
+            input_path=input_path,
+            device=device,
+            dtype=dtype,
+            rtol=rtol,
+            atol=atol,
+            trust_pickle=trust_pickle,
+            allow_extra=allow_extra,
+            extra_dialects=_load_patterns(patterns),
+            renames=_parse_renames(rename),
+        )
+        try:
+            if quiet or not err.is_terminal:
+                result = verify_checkpoints(train, fused, options)
+            else:
+                with err.status(f"verifying {fused.name} against {train.name}..."):
+                    result = verify_checkpoints(train, fused, options)
+        except UnfusableBlockError as error:
+            _raise_if_swapped(train, fused, trust_pickle, error)
+            raise
+    except ACNetConvertError as error:
+        if junit is not None:
+            _write_text(junit, junit_error_xml(str(train), str(fused), str(error)))
+        raise
+    if junit is not None:
+        _write_text(junit, junit_xml(result))
+    if not quiet:
+        for note in result.notes:
+            err.print(f"note: {_escape(note)}")
+    if as_json:
+        _emit_json(result.as_json())
+    else:
+        _render_verify(result, _stdout())
+    if result.passed and not quiet:
+        checks = result.checks()
+        numeric = [c for c in (*result.cases, *result.block_checks) if c.max_rel == c.max_rel]
+        worst = max(numeric, key=lambda c: c.max_rel, default=None)
+        figure = f", max_rel {worst.max_rel:.3g}" if worst is not None else ""
+        err.print(
+            f"verified: {_escape(str(fused))} computes what {_escape(str(train))} computes "
+            f"({len(checks)} check(s){figure}; rtol {result.rtol:g}, atol {result.atol:g})"
+        )
+    raise_for_result(result)
+
+
+def _raise_if_swapped(train: Path, fused: Path, trust_pickle: bool, error: Exception) -> None:
+    """TRAIN has no block but FUSED has: the arguments were given the wrong way round."""
+    from acnet_convert.checkpoint import open_checkpoint
+    from acnet_convert.plan import FuseOptions, plan_fusion
+
+    try:
+        with open_checkpoint(fused, trust_pickle=trust_pickle) as reader:
+            plan_fusion(reader, FuseOptions(trust_pickle=trust_pickle))
+    except ACNetConvertError:
+        return
+    raise UsageError(
+        f"the arguments look swapped: {train} (TRAIN) holds no training-time block but "
+        f"{fused} (FUSED) does; run 'acnet-convert verify {fused} {train}'"
+    ) from error
+
+
+@cli.command(epilog=_EXIT_HELP)
+@_json_option
+def archs(as_json: bool) -> None:
+    """List the built-in architectures 'verify --arch' can rebuild."""
+    _render_archs(as_json)
