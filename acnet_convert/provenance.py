@@ -107,8 +107,8 @@ def fuse_metadata(
         metadata["acnet_convert.renames"] = json.dumps([list(r) for r in options.renames])
     if options.eps is not None:
         metadata["acnet_convert.eps_option"] = repr(options.eps)
-    if options.fold_bn:
-        metadata["acnet_convert.fold_bn"] = "true"
+    if plan.fold_bn or options.fold_bn is False:
+        metadata["acnet_convert.fold_bn"] = "true" if plan.fold_bn else "false"
     aliases = {b.spec.label: b.alias_of for b in plan.blocks if b.alias_of}
     aliases.update({f"{a} ({d})": p for a, d, p in plan.dropped_aliases})
     if aliases:
