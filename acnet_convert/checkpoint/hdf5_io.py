@@ -25,12 +25,10 @@ more memory than its own size or read outside it.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +49,22 @@ from .base import (
     require_regular_file,
 )
 from .containers import strip_prefix
+from .h5_attrs import _H5_ERRORS, _as_str, _reason, _string_attrs
 from .keras_config import bn_epsilons, bn_layers
+from .keras_h5 import _KERAS_ATTR_LIMIT as _KERAS_ATTR_LIMIT
+from .keras_h5 import (
+    KerasAttrs,
+    _check_keras_listing,
+    _keras_weights_group,
+    _read_keras_attrs,
+    replace_keras_layers,
+    write_keras_layout,
+)
+from .keras_h5 import _encode_names as _encode_names
+from .keras_h5 import _hard_get as _hard_get
+from .keras_h5 import _keras_plan as _keras_plan
+from .keras_h5 import _name_list as _name_list
+from .keras_h5 import _set_name_list as _set_name_list
 from .rawio import copy_range, read_range
 
 __all__ = [
@@ -72,39 +85,11 @@ LAYOUTS = FLAVOURS  # the old name of FLAVOURS
 # Dataset attribute that marks uint16 data as bfloat16 bit patterns.
 BF16_ATTR = "dtype"
 
-# Keras 2 splits a name-list attribute into name0, name1, ... above this many
-# bytes, because HDF5 object headers cannot hold larger attributes.
-_KERAS_ATTR_LIMIT = 64512
-
-# Errors h5py raises for unreadable or corrupt files and objects.
-_H5_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)
-
 # Stored element type (little-endian) -> canonical name; HDF5 converts
 # big-endian data on read.
 _CANONICAL = {
     np.dtype(np_dtype): name for name, np_dtype in dtypes.NUMPY_DTYPES.items() if name != "bfloat16"
 }
-
-
-@dataclass(frozen=True)
-class KerasAttrs:
-    """What a writer needs to lay out a Keras weight file like the one that was read.
-
-    Attributes:
-        weights_group: ``""`` when the weights sit at the root (``save_weights``),
-            ``"model_weights"`` for a full-model file.
-        layer_names: the ``layer_names`` attribute, in order (layers without
-            weights included).
-        weight_names: layer -> its ``weight_names`` attribute, in order.
-        backend: the weights group's ``backend`` attribute, if any.
-        keras_version: the weights group's ``keras_version`` attribute, if any.
-    """
-
-    weights_group: str = ""
-    layer_names: tuple[str, ...] = ()
-    weight_names: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    backend: str | None = None
-    keras_version: str | None = None
 
 
 class Hdf5Reader(CheckpointReader):
@@ -271,135 +256,6 @@ class _OwnDescriptor:
             self._fd = None
 
 
-def _reason(err: BaseException) -> str:
-    return str(err).strip() or type(err).__name__
-
-
-def _as_str(value: Any) -> str | None:
-    """An attribute value as text, if it is a (byte) string."""
-    if isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind in "SUO":
-        value = value.item()
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    return None
-
-
-def _string_attrs(obj: h5py.HLObject, path: Path) -> dict[str, str]:
-    """The object's string-valued attributes; others are not metadata and are skipped."""
-    result: dict[str, str] = {}
-    for key in obj.attrs:
-        try:
-            text = _as_str(obj.attrs[key])
-        except _H5_ERRORS as err:
-            logger.debug("%s: attribute %r skipped (%s)", path, key, _reason(err))
-            continue
-        if text is not None:
-            result[key] = text
-    return result
-
-
-def _name_list(obj: h5py.HLObject, name: str, path: Path) -> list[str] | None:
-    """A Keras name-list attribute, joining the ``name0``, ``name1``, ... chunks; None if absent."""
-    if name in obj.attrs:
-        parts = [obj.attrs[name]]
-    elif f"{name}0" in obj.attrs:
-        parts = []
-        while f"{name}{len(parts)}" in obj.attrs:
-            parts.append(obj.attrs[f"{name}{len(parts)}"])
-    else:
-        return None
-    names: list[str] = []
-    for part in parts:
-        for item in np.asarray(part).reshape(-1):
-            text = _as_str(item)
-            if text is None:
-                raise BadCheckpointError(
-                    f"{path}: Keras attribute '{name}' of '{obj.name}' holds {item!r}, "
-                    "not a name; the file is corrupt"
-                )
-            names.append(text)
-    return names
-
-
-def _hard_get(group: h5py.Group, name: str, path: Path) -> h5py.HLObject | None:
-    """``group[name]`` following hard links only, one path component at a time; None if absent.
-
-    A name comes from the file (Keras ``layer_names``), so it may spell an
-    absolute path, or pass through a soft or external link: resolving one
-    would open another file (a FIFO would block forever). Never do that.
-    """
-    obj: h5py.HLObject = group
-    for part in name.split("/"):
-        if part in ("", "."):
-            raise BadCheckpointError(
-                f"{path}: name '{name}' listed in '{group.name}' is not a plain relative "
-                "path; the file is corrupt or crafted"
-            )
-        if not isinstance(obj, h5py.Group):
-            return None
-        link = obj.get(part, getlink=True)
-        if link is None:
-            return None
-        if not isinstance(link, h5py.HardLink):
-            raise BadCheckpointError(
-                f"{path}: '{name}' (listed in '{group.name}') goes through a "
-                f"{type(link).__name__}; refusing to follow links in a checkpoint"
-            )
-        obj = obj[part]
-    return obj
-
-
-def _keras_weights_group(root: h5py.File) -> h5py.Group | None:
-    """The group holding Keras layer groups, or None for a non-Keras file."""
-    if "layer_names" in root.attrs or "layer_names0" in root.attrs:
-        return root
-    link = root.get("model_weights", getlink=True)
-    if isinstance(link, h5py.HardLink):
-        group = root["model_weights"]
-        if isinstance(group, h5py.Group) and (
-            "layer_names" in group.attrs or "layer_names0" in group.attrs
-        ):
-            return group
-    return None
-
-
-def _read_keras_attrs(group: h5py.Group, path: Path) -> KerasAttrs:
-    layer_names = _name_list(group, "layer_names", path) or []
-    weight_names: dict[str, tuple[str, ...]] = {}
-    for layer in layer_names:
-        layer_group = _hard_get(group, layer, path)
-        if not isinstance(layer_group, h5py.Group):
-            raise BadCheckpointError(
-                f"{path}: Keras layer '{layer}' is listed in 'layer_names' but has no group; "
-                "the file is incomplete"
-            )
-        weight_names[layer] = tuple(_name_list(layer_group, "weight_names", path) or [])
-    attrs = _string_attrs(group, path)
-    return KerasAttrs(
-        weights_group=group.name.lstrip("/"),
-        layer_names=tuple(layer_names),
-        weight_names=weight_names,
-        backend=attrs.get("backend"),
-        keras_version=attrs.get("keras_version"),
-    )
-
-
-def _check_keras_listing(attrs: KerasAttrs, datasets: set[str], path: Path) -> None:
-    """Every weight a layer lists must exist, or Keras could not load the file either."""
-    for layer, names in attrs.weight_names.items():
-        for weight in names:
-            if f"{layer}/{weight}" not in datasets:
-                raise BadCheckpointError(
-                    f"{path}: Keras layer '{layer}' lists weight '{weight}' but the file has "
-                    "no such dataset; the file is incomplete"
-                )
-
-
 def read_dataset(file: h5py.File | None, h5_path: str, info: TensorInfo, path: Path) -> np.ndarray:
     """The dataset at ``h5_path`` of an open file as a new array of ``info``'s storage dtype.
 
@@ -528,26 +384,6 @@ def _describe_dtype(np_dtype: np.dtype[Any]) -> str:
     return str(np_dtype)
 
 
-def _encode_names(names: Sequence[str]) -> np.ndarray:
-    """A name list as Keras stores it: fixed-length UTF-8 bytes (empty: a float64 [] as Keras)."""
-    if not names:
-        return np.asarray([], dtype=np.float64)
-    return np.asarray([n.encode("utf-8") for n in names])
-
-
-def _set_name_list(obj: h5py.HLObject, name: str, names: Sequence[str]) -> None:
-    """Store a name list as Keras 2 does, split into ``name0``, ``name1``, ... when too large."""
-    data = _encode_names(names)
-    chunks = 1
-    while math.ceil(data.nbytes / chunks) > _KERAS_ATTR_LIMIT and chunks < len(names):
-        chunks += 1
-    if chunks == 1:
-        obj.attrs[name] = data
-    else:
-        for index, part in enumerate(np.array_split(data, chunks)):
-            obj.attrs[f"{name}{index}"] = part
-
-
 def _check_names(full_names: Sequence[str], flavour: str) -> None:
     """Refuse names the flavour cannot store faithfully (they come from user checkpoints)."""
     if len(set(full_names)) != len(full_names):
@@ -577,53 +413,6 @@ def _check_names(full_names: Sequence[str], flavour: str) -> None:
                         f"HDF5 file ('{shorter}' would be a dataset and a group); "
                         "write safetensors or .pth instead"
                     )
-
-
-def replace_keras_layers(attrs: KerasAttrs, replaced: Mapping[str, str]) -> KerasAttrs:
-    """``attrs`` with layers replaced: ``replaced`` maps an old layer to its new one.
-
-    Keras loads weights by position in ``layer_names``, so each new layer
-    takes the place of the first of its old layers; the old layers stay
-    listed, and :func:`write_hdf5` drops those left without weights.
-
-    >>> replace_keras_layers(KerasAttrs(layer_names=("in", "c_sqr", "c_hor")),
-    ...                      {"c_sqr": "c", "c_hor": "c"}).layer_names
-    ('in', 'c', 'c_sqr', 'c_hor')
-    """
-    layers: list[str] = []
-    for layer in attrs.layer_names:
-        new = replaced.get(layer)
-        if new is not None and new not in layers and new not in attrs.layer_names:
-            layers.append(new)
-        layers.append(layer)
-    return dataclasses.replace(attrs, layer_names=tuple(layers))
-
-
-def _keras_plan(names: Sequence[str], attrs: KerasAttrs) -> tuple[list[str], dict[str, list[str]]]:
-    """layer_names and weight_names for the tensors to be written.
-
-    Layers keep their original order, followed by new ones in tensor order; a
-    layer that had weights and now has none (fused away) is dropped, layers
-    that never had weights (activations, pooling) stay. Within a layer, known
-    weights keep their order and new ones (a fused conv's bias) follow.
-    """
-    present: dict[str, list[str]] = {}
-    for full in names:
-        if "/" in full:
-            layer, weight = full.split("/", 1)
-            present.setdefault(layer, []).append(weight)
-    layers = [
-        layer
-        for layer in attrs.layer_names
-        if layer in present or not attrs.weight_names.get(layer)
-    ]
-    layers += [layer for layer in present if layer not in layers]
-    weight_names: dict[str, list[str]] = {}
-    for layer in layers:
-        new = present.get(layer, [])
-        known = [w for w in attrs.weight_names.get(layer, ()) if w in new]
-        weight_names[layer] = known + [w for w in new if w not in known]
-    return layers, weight_names
 
 
 # Raw bytes at least this large are copied into early-allocated storage by
@@ -702,17 +491,7 @@ def write_hdf5(
             handle.attrs[key] = value
         group: h5py.Group = handle
         if flavour == "keras":
-            attrs = keras_attrs or KerasAttrs()
-            if attrs.weights_group:
-                group = handle.create_group(attrs.weights_group)
-            layers, weight_names = _keras_plan(full_names, attrs)
-            if attrs.backend is not None:
-                group.attrs["backend"] = attrs.backend.encode("utf-8")
-            if attrs.keras_version is not None:
-                group.attrs["keras_version"] = attrs.keras_version.encode("utf-8")
-            _set_name_list(group, "layer_names", layers)
-            for layer in layers:
-                _set_name_list(group.create_group(layer), "weight_names", weight_names[layer])
+            group = write_keras_layout(handle, keras_attrs or KerasAttrs(), full_names)
         for info, full in zip(tensors, full_names, strict=True):
             produced = produce(info.name)
             name = full.replace("/", "+") if flavour == "flat" else full

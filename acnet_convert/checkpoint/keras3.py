@@ -35,7 +35,8 @@ import numpy as np
 from acnet_convert.errors import BadCheckpointError
 
 from .base import CheckpointReader, Container, RawBytes, TensorInfo
-from .hdf5_io import _H5_ERRORS, _check_dataset, _reason, read_dataset
+from .h5_attrs import _H5_ERRORS, _reason
+from .hdf5_io import _check_dataset, read_dataset
 from .keras_config import bn_epsilons, bn_layers
 
 __all__ = ["Keras3Reader", "is_keras3_weights", "snake_case"]
