@@ -224,6 +224,29 @@ def _identity_vars(plan: FusionPlan, model: nn.Module, arrays: dict[str, np.ndar
                 arrays[key] = identity_var(bn.eps, dtype_of[key], arrays[key].shape[0])
 
 
+def _unwrapped_state(model: nn.Module) -> tuple[str, dict[str, Tensor]]:
+    """The prefix a DataParallel/DDP wrapper adds ('module.' or '') and the state without it."""
+    model_state = model.state_dict()
+    # DataParallel/DDP wrap the model: its keys gain 'module.', the checkpoint's need not.
+    wrapped = "module." if model_state and all(k.startswith("module.") for k in model_state) else ""
+    return wrapped, {k[len(wrapped) :]: v for k, v in model_state.items()}
+
+
+def _choose_fit(
+    source: str, model: nn.Module, fits: list[_Fit], model_keys: set[str], strict: bool
+) -> _Fit:
+    """The first exact fit; without one, the closest (strict=False) or a mismatch error."""
+    exact = [f for f in fits if f.exact]
+    if exact:
+        return exact[0]
+    if strict:
+        raise _mismatch(source, model, fits, model_keys, strict)
+    chosen = min(fits, key=lambda f: f.distance)
+    if chosen.plan is None or all(t.name not in model_keys for t in chosen.plan.outputs):
+        raise _mismatch(source, model, fits, model_keys, strict)
+    return chosen
+
+
 def fuse_and_load(
     model: nn.Module,
     ckpt: str | os.PathLike[str],
@@ -282,25 +305,15 @@ def fuse_and_load(
     ('deploy', 3)
     """
     source = Path(ckpt)
-    model_state = model.state_dict()
-    # DataParallel/DDP wrap the model: its keys gain 'module.', the checkpoint's need not.
-    wrapped = "module." if model_state and all(k.startswith("module.") for k in model_state) else ""
-    model_state = {k[len(wrapped) :]: v for k, v in model_state.items()}
+    wrapped, model_state = _unwrapped_state(model)
     model_keys = set(model_state)
     if naming is None:
         naming = NamingOptions(dialect=dialect, renames=tuple(renames), eps=eps)
     options = naming.fuse_options(check=check, trust_pickle=trust_pickle)
     with open_checkpoint(source, trust_pickle=trust_pickle) as reader:
-        fits = _fits(reader, options, model_keys)
-        exact = [f for f in fits if f.exact]
-        if exact:
-            chosen = exact[0]
-        elif strict:
-            raise _mismatch(str(source), model, fits, model_keys, strict)
-        else:
-            chosen = min(fits, key=lambda f: f.distance)
-            if chosen.plan is None or all(t.name not in model_keys for t in chosen.plan.outputs):
-                raise _mismatch(str(source), model, fits, model_keys, strict)
+        chosen = _choose_fit(
+            str(source), model, _fits(reader, options, model_keys), model_keys, strict
+        )
         if chosen.plan is None:  # pragma: no cover - every chosen fit has a plan
             raise UsageError(f"{source}: layout '{chosen.layout}' has no plan")
         _check_shapes(str(source), chosen.plan, model_state)

@@ -122,6 +122,64 @@ def _run(net: nn.Module, x: torch.Tensor, what: str) -> Any:
         ) from err
 
 
+def _network_input(
+    options: VerifyOptions, default_shape: tuple[int, ...] | None
+) -> tuple[torch.Tensor, str]:
+    """The input batch and where it came from: the --input file or "random"."""
+    import torch
+
+    if options.input_path is not None:
+        return _load_input(options.input_path), str(options.input_path)
+    shape = options.input_shape or default_shape
+    if shape is None:
+        raise UsageError(
+            "--model needs --input-shape C,H,W (or --input FILE) to make an input batch"
+        )
+    generator = torch.Generator().manual_seed(options.seed)
+    x = torch.randn((options.batch, *shape), generator=generator, dtype=torch.float64)
+    return x, "random"
+
+
+def _compare_outputs(
+    train: CheckpointReader,
+    label: str,
+    reference: list[tuple[str, torch.Tensor]],
+    got: list[tuple[str, torch.Tensor]],
+    rtol: float,
+    atol: float,
+    seconds: float,
+) -> list[CaseResult]:
+    """One network case per output of the training form against the deployed form."""
+    import torch
+
+    if [n for n, _ in reference] != [n for n, _ in got]:
+        raise ACNetConvertError(
+            f"{label}: the training and deployed forms return different outputs"
+        )
+    cases: list[CaseResult] = []
+    for (name, ref), (_, out) in zip(reference, got, strict=True):
+        if tuple(ref.shape) != tuple(out.shape):
+            raise ACNetConvertError(
+                f"{label}: output {name} has shape {list(ref.shape)} in training form "
+                f"but {list(out.shape)} deployed"
+            )
+        ref64 = ref.detach().to("cpu", torch.float64).numpy()
+        out64 = out.detach().to("cpu", torch.float64).numpy()
+        if not np.all(np.isfinite(ref64)):
+            raise ACNetConvertError(
+                f"{train.path}: the training-time net's output {name} holds NaN or Inf "
+                "on this input, "
+                "so there is nothing to compare with; check TRAIN's weights and BN statistics"
+            )
+        top1 = None
+        if ref64.ndim == 2 and ref64.shape[1] > 1:
+            top1 = float(np.mean(ref64.argmax(axis=1) == out64.argmax(axis=1)))
+        cases.append(
+            _case(name, "network", ref64, out64, rtol, atol, top1_agreement=top1, seconds=seconds)
+        )
+    return cases
+
+
 def _verify_network(
     train: CheckpointReader,
     fused: CheckpointReader,
@@ -138,20 +196,8 @@ def _verify_network(
     dtype = torch.float64 if options.dtype == "float64" else torch.float32
     nets = _build_nets(train, fused, options, arch, dtype)
     notes.extend(nets.notes)
-    if options.input_path is not None:
-        x = _load_input(options.input_path)
-        source = str(options.input_path)
-    else:
-        shape = options.input_shape or nets.default_shape
-        if shape is None:
-            raise UsageError(
-                "--model needs --input-shape C,H,W (or --input FILE) to make an input batch"
-            )
-        generator = torch.Generator().manual_seed(options.seed)
-        x = torch.randn((options.batch, *shape), generator=generator, dtype=torch.float64)
-        source = "random"
+    x, source = _network_input(options, nets.default_shape)
     input_shape = tuple(int(s) for s in x.shape[1:])
-    cases: list[CaseResult] = []
     with _exact_math(device), torch.inference_mode():
         train_net = nets.train.to(device).eval()
         deployed = nets.deployed.to(device).eval()
@@ -162,39 +208,7 @@ def _verify_network(
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - began
-        if [n for n, _ in reference] != [n for n, _ in got]:
-            raise ACNetConvertError(
-                f"{nets.label}: the training and deployed forms return different outputs"
-            )
-        for (name, ref), (_, out) in zip(reference, got, strict=True):
-            if tuple(ref.shape) != tuple(out.shape):
-                raise ACNetConvertError(
-                    f"{nets.label}: output {name} has shape {list(ref.shape)} in training form "
-                    f"but {list(out.shape)} deployed"
-                )
-            ref64 = ref.detach().to("cpu", torch.float64).numpy()
-            out64 = out.detach().to("cpu", torch.float64).numpy()
-            if not np.all(np.isfinite(ref64)):
-                raise ACNetConvertError(
-                    f"{train.path}: the training-time net's output {name} holds NaN or Inf "
-                    "on this input, "
-                    "so there is nothing to compare with; check TRAIN's weights and BN statistics"
-                )
-            top1 = None
-            if ref64.ndim == 2 and ref64.shape[1] > 1:
-                top1 = float(np.mean(ref64.argmax(axis=1) == out64.argmax(axis=1)))
-            cases.append(
-                _case(
-                    name,
-                    "network",
-                    ref64,
-                    out64,
-                    rtol,
-                    options.atol,
-                    top1_agreement=top1,
-                    seconds=seconds,
-                )
-            )
+        cases = _compare_outputs(train, nets.label, reference, got, rtol, options.atol, seconds)
     block_checks: list[CaseResult] = []
     try:
         _, block_checks, _ = _block_cases(train, fused, options, rtol)
