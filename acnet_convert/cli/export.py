@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -24,6 +23,9 @@ from acnet_convert.errors import (
 )
 
 __all__ = ["export"]
+
+if TYPE_CHECKING:
+    from acnet_convert.export import ExportOptions
 
 
 @cli.command(epilog=_EXIT_HELP)
@@ -128,11 +130,28 @@ def export(
     Needs the export extra: pip install 'acnet-convert[export]'.
     """
     try:
-        result = _run_export(
-            checkpoint, output, arch, model, model_arg, input_shape, opset, dynamic_batch,
-            batch, seed, rtol, atol, eps, dialect, loss_threshold, plot, force, trust_pickle,
-            quiet,
-        )  # fmt: skip
+        from acnet_convert.export import ExportOptions
+        from acnet_convert.verify import parse_input_shape, parse_model_args
+
+        _check_plot(plot)
+        options = ExportOptions(
+            arch=arch,
+            model=model,
+            model_args=parse_model_args(model_arg),
+            input_shape=parse_input_shape(input_shape) if input_shape is not None else None,
+            opset=opset,
+            dynamic_batch=dynamic_batch,
+            batch=batch,
+            seed=seed,
+            rtol=rtol,
+            atol=atol,
+            eps=eps,
+            dialect=dialect,
+            trust_pickle=trust_pickle,
+            force=force,
+            loss_threshold_db=loss_threshold,
+        )
+        result = _run_export(checkpoint, output, options, quiet)
     except ACNetConvertError as error:
         if as_json:
             _emit_json(
@@ -177,53 +196,19 @@ def export(
         )
 
 
-def _run_export(
-    checkpoint: Path,
-    output: Path,
-    arch: str | None,
-    model: str | None,
-    model_arg: Sequence[str],
-    input_shape: str | None,
-    opset: int | None,
-    dynamic_batch: bool,
-    batch: int,
-    seed: int,
-    rtol: float | None,
-    atol: float,
-    eps: float | None,
-    dialect: str | None,
-    loss_threshold: float,
-    plot: Path | None,
-    force: bool,
-    trust_pickle: bool,
-    quiet: bool,
-) -> Any:
-    from acnet_convert.export import ExportOptions, export_onnx
-    from acnet_convert.verify import parse_input_shape, parse_model_args
-
+def _check_plot(plot: Path | None) -> None:
+    """Refuse --plot early: without the plot extra, or into a folder that does not exist."""
     if plot is not None:
         from acnet_convert.quantplot import require_plot_extra
 
         require_plot_extra()
         if not plot.parent.is_dir():
             raise UsageError(f"--plot {plot}: the folder '{plot.parent}' does not exist")
-    options = ExportOptions(
-        arch=arch,
-        model=model,
-        model_args=parse_model_args(model_arg),
-        input_shape=parse_input_shape(input_shape) if input_shape is not None else None,
-        opset=opset,
-        dynamic_batch=dynamic_batch,
-        batch=batch,
-        seed=seed,
-        rtol=rtol,
-        atol=atol,
-        eps=eps,
-        dialect=dialect,
-        trust_pickle=trust_pickle,
-        force=force,
-        loss_threshold_db=loss_threshold,
-    )
+
+
+def _run_export(checkpoint: Path, output: Path, options: ExportOptions, quiet: bool) -> Any:
+    from acnet_convert.export import export_onnx
+
     err = _stderr()
     if quiet or not err.is_terminal:
         return export_onnx(checkpoint, output, options)
