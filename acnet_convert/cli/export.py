@@ -12,11 +12,10 @@ from acnet_convert.cli.app import (
     _emit_json,
     _json_option,
     _stderr,
-    _stdout,
     _trust_option,
     cli,
 )
-from acnet_convert.cli.render import _escape
+from acnet_convert.cli.render import _escape, _show_result
 from acnet_convert.errors import (
     ACNetConvertError,
     UsageError,
@@ -167,16 +166,10 @@ def export(
                 }
             )
         raise
-    err = _stderr()
-    if not quiet:
-        for note in result.notes:
-            err.print(f"note: {_escape(note)}")
-    if as_json:
-        _emit_json(result.as_json())
-    else:
-        from acnet_convert.cli.exportview import render_export
+    from acnet_convert.cli.exportview import render_export
 
-        render_export(result, _stdout())
+    err = _stderr()
+    _show_result(result, render_export, quiet=quiet, as_json=as_json)
     if not result.passed:
         from acnet_convert.errors import VerificationError
 

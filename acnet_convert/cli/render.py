@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from acnet_convert.cli.app import _emit_json, _plural, _size, _stdout
+from acnet_convert.cli.app import _emit_json, _plural, _size, _stderr, _stdout
 
 if TYPE_CHECKING:
     from acnet_convert.blocks import BranchGeometry
@@ -193,3 +193,17 @@ def render_inspection(result: Inspection, console: Any) -> None:
         f"total: {params:,} parameters, {nbytes:,} bytes now; "
         f"{plan.params_after:,} parameters, {plan.bytes_after:,} bytes after fusing"
     )
+
+
+def _show_result(
+    result: Any, render: Callable[[Any, Any], None], *, quiet: bool, as_json: bool
+) -> None:
+    """A command's notes on stderr (unless quiet), then its JSON or its rendering on stdout."""
+    if not quiet:
+        err = _stderr()
+        for note in result.notes:
+            err.print(f"note: {_escape(note)}")
+    if as_json:
+        _emit_json(result.as_json())
+    else:
+        render(result, _stdout())

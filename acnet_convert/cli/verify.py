@@ -8,17 +8,15 @@ import click
 
 from acnet_convert.cli.app import (
     _EXIT_HELP,
-    _emit_json,
     _json_option,
     _load_patterns,
     _parse_renames,
     _stderr,
-    _stdout,
     _trust_option,
     _write_text,
     cli,
 )
-from acnet_convert.cli.render import _escape, _render_archs, _render_verify
+from acnet_convert.cli.render import _escape, _render_archs, _render_verify, _show_result
 from acnet_convert.errors import (
     ACNetConvertError,
     UnfusableBlockError,
@@ -244,13 +242,7 @@ def verify(
         raise
     if junit is not None:
         _write_text(junit, junit_xml(result))
-    if not quiet:
-        for note in result.notes:
-            err.print(f"note: {_escape(note)}")
-    if as_json:
-        _emit_json(result.as_json())
-    else:
-        _render_verify(result, _stdout())
+    _show_result(result, _render_verify, quiet=quiet, as_json=as_json)
     if result.passed and not quiet:
         checks = result.checks()
         numeric = [c for c in (*result.cases, *result.block_checks) if c.max_rel == c.max_rel]
