@@ -36,7 +36,7 @@ from acnet_convert.errors import BadCheckpointError
 
 from .base import CheckpointReader, Container, RawBytes, TensorInfo
 from .h5_attrs import _H5_ERRORS, _reason
-from .hdf5_io import _check_dataset, read_dataset
+from .h5_datasets import check_dataset, read_dataset
 from .keras_config import bn_epsilons, bn_layers
 
 __all__ = ["Keras3Reader", "is_keras3_weights", "snake_case"]
@@ -197,7 +197,7 @@ class Keras3Reader(CheckpointReader):
                 if not isinstance(dataset, h5py.Dataset):
                     raise BadCheckpointError(f"{self.path}: '{dataset.name}' is not a dataset")
                 key = f"{layer[0]}/{layer[0]}/{names[i]}:0" if layer else f"{group_path}/vars/{i}"
-                dtype, shape = _check_dataset(dataset, key, self._size, self.path)
+                dtype, shape = check_dataset(dataset, key, self._size, self.path)
                 if key in self.tensors:
                     raise BadCheckpointError(f"{self.path}: two layers give the tensor '{key}'")
                 self.tensors[key] = TensorInfo(key, dtype, shape)
