@@ -218,34 +218,10 @@ class _Parser:
                 "'anchor' has no named group; name the varying part, e.g. (?P<p>(?:.+\\.)?)"
             )
         derived = self.derived(table.get("derived", []), groups)
-        known = groups + [d[0] for d in derived]
         style = table.get("bn_style", "torch")
         if style not in ("torch", "paddle", "keras"):
             raise self.fail(f'\'bn_style\' must be "torch", "paddle" or "keras", got {style!r}')
-        order_field = "kernel_order" if "kernel_order" in table else "kernel_layout"
-        layout = table.get(order_field, "OIHW")
-        if layout not in ("OIHW", "HWIO"):
-            raise self.fail(f'\'{order_field}\' must be "OIHW" or "HWIO", got {layout!r}')
-        eps = table.get("default_eps", 1e-5)
-        if (
-            isinstance(eps, bool)
-            or not isinstance(eps, (int, float))
-            or not (math.isfinite(eps) and eps > 0)
-        ):
-            raise self.fail(f"'default_eps' must be a positive number, got {eps!r}")
-        branches = table["branches"]
-        declared = "family" in table or (
-            isinstance(branches, list)
-            and any(isinstance(b, dict) and "kind" in b for b in branches)
-        )
-        if not isinstance(branches, list) or not branches or (not declared and len(branches) != 2):
-            count = len(branches) if isinstance(branches, list) else _kind(branches)
-            raise self.fail(
-                f"'branches' must be an array of exactly two tables (the 1xk and kx1 branches, "
-                f"[[dialect.branches]] twice), got {count}; a family of its own (a 'family' "
-                "field, or branches with a 'kind') may have any number"
-            )
-        parsed = tuple(self.branch(b, f"branches[{i}]", style) for i, b in enumerate(branches))
+        parsed = self.branches(table, style)
         # two plain conv branches: an ACNet port (ACNet's rule, ACNet's family); else its own family
         acnet_like = len(parsed) == 2 and all(b.kind == "conv" and b.dilation == 1 for b in parsed)
         family = table.get("family", "acnet" if acnet_like else table["name"])
@@ -265,9 +241,45 @@ class _Parser:
             validate=validate_acnet if acnet_like else None,
             last_bn=self.bn(table["last_bn"], "last_bn", style) if "last_bn" in table else None,
             derived=derived,
-            kernel_order=layout,
-            default_eps=float(eps),
+            kernel_order=self.kernel_order(table),
+            default_eps=self.default_eps(table),
         )
+        self.check_templates(dialect, groups + [d[0] for d in derived])
+        return dialect
+
+    def kernel_order(self, table: dict[str, Any]) -> str:
+        order_field = "kernel_order" if "kernel_order" in table else "kernel_layout"
+        order = table.get(order_field, "OIHW")
+        if order not in ("OIHW", "HWIO"):
+            raise self.fail(f'\'{order_field}\' must be "OIHW" or "HWIO", got {order!r}')
+        return str(order)
+
+    def default_eps(self, table: dict[str, Any]) -> float:
+        eps = table.get("default_eps", 1e-5)
+        if (
+            isinstance(eps, bool)
+            or not isinstance(eps, (int, float))
+            or not (math.isfinite(eps) and eps > 0)
+        ):
+            raise self.fail(f"'default_eps' must be a positive number, got {eps!r}")
+        return float(eps)
+
+    def branches(self, table: dict[str, Any], style: str) -> tuple[BranchNames, ...]:
+        branches = table["branches"]
+        declared = "family" in table or (
+            isinstance(branches, list)
+            and any(isinstance(b, dict) and "kind" in b for b in branches)
+        )
+        if not isinstance(branches, list) or not branches or (not declared and len(branches) != 2):
+            count = len(branches) if isinstance(branches, list) else _kind(branches)
+            raise self.fail(
+                f"'branches' must be an array of exactly two tables (the 1xk and kx1 branches, "
+                f"[[dialect.branches]] twice), got {count}; a family of its own (a 'family' "
+                "field, or branches with a 'kind') may have any number"
+            )
+        return tuple(self.branch(b, f"branches[{i}]", style) for i, b in enumerate(branches))
+
+    def check_templates(self, dialect: Dialect, known: list[str]) -> None:
         for place, template in dialect.templates().items():
             self.check_template(template, place, known)
         if dialect.fused_weight == dialect.fused_bias:
@@ -275,7 +287,6 @@ class _Parser:
                 "'fused_weight' and 'fused_bias' are the same template; "
                 "the bias would overwrite the weight"
             )
-        return dialect
 
     def check_template(self, template: str, place: str, known: list[str]) -> None:
         try:

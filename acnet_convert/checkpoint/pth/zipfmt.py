@@ -122,70 +122,47 @@ class ZipWriter:
         """Write the central directory and the end records."""
         cd_offset = self._pos
         for entry in self._entries:
-            fields: list[int] = []
-            size32 = entry.size
-            offset32 = entry.offset
-            if entry.size >= _ZIP64_LIMIT:
-                fields += [entry.size, entry.size]
-                size32 = 0xFFFFFFFF
-            if entry.offset >= _ZIP64_LIMIT:
-                fields.append(entry.offset)
-                offset32 = 0xFFFFFFFF
-            extra = b""
-            if fields:
-                extra = struct.pack(f"<HH{len(fields)}Q", 0x0001, 8 * len(fields), *fields)
-            version = 45 if fields else 20
-            self._write(
-                _CENTRAL_HEADER.pack(
-                    0x02014B50,
-                    version,
-                    version,
-                    0,
-                    0,
-                    0,
-                    _DOS_DATE,
-                    entry.crc,
-                    size32,
-                    size32,
-                    len(entry.name),
-                    len(extra),
-                    0,
-                    0,
-                    0,
-                    0,
-                    offset32,
-                )
-            )
-            self._write(entry.name)
-            self._write(extra)
+            self._write(_central_header(entry))
         cd_size = self._pos - cd_offset
         count = len(self._entries)
         if count >= 0xFFFF or cd_offset >= _ZIP64_LIMIT or cd_size >= _ZIP64_LIMIT:
             end64 = self._pos
-            self._write(
-                _END_RECORD64.pack(
-                    0x06064B50,
-                    _END_RECORD64.size - 12,
-                    45,
-                    45,
-                    0,
-                    0,
-                    count,
-                    count,
-                    cd_size,
-                    cd_offset,
-                )
-            )
+            # signature, size of the rest, versions made by/needed, disk numbers,
+            # entries on this disk and in all, directory size and offset
+            record64 = _END_RECORD64.pack(
+                0x06064B50, _END_RECORD64.size - 12, 45, 45, 0, 0,
+                count, count, cd_size, cd_offset,
+            )  # fmt: skip
+            self._write(record64)
             self._write(_END_LOCATOR64.pack(0x07064B50, 0, end64, 1))
-        self._write(
-            _END_RECORD.pack(
-                0x06054B50,
-                0,
-                0,
-                min(count, 0xFFFF),
-                min(count, 0xFFFF),
-                min(cd_size, 0xFFFFFFFF),
-                min(cd_offset, 0xFFFFFFFF),
-                0,
-            )
-        )
+        # signature, disk numbers, entries on this disk and in all, directory
+        # size and offset (saturated: the zip64 record holds the true ones), comment length
+        record = _END_RECORD.pack(
+            0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
+            min(cd_size, 0xFFFFFFFF), min(cd_offset, 0xFFFFFFFF), 0,
+        )  # fmt: skip
+        self._write(record)
+
+
+def _central_header(entry: _ZipEntry) -> bytes:
+    """An entry's central-directory record: header, name, and zip64 extra field if needed."""
+    fields: list[int] = []
+    size32 = entry.size
+    offset32 = entry.offset
+    if entry.size >= _ZIP64_LIMIT:
+        fields += [entry.size, entry.size]
+        size32 = 0xFFFFFFFF
+    if entry.offset >= _ZIP64_LIMIT:
+        fields.append(entry.offset)
+        offset32 = 0xFFFFFFFF
+    extra = b""
+    if fields:
+        extra = struct.pack(f"<HH{len(fields)}Q", 0x0001, 8 * len(fields), *fields)
+    version = 45 if fields else 20
+    # signature, versions made by/needed, flags, method, time, date, CRC, sizes,
+    # name and extra lengths, comment length, disk, attributes, local header offset
+    header = _CENTRAL_HEADER.pack(
+        0x02014B50, version, version, 0, 0, 0, _DOS_DATE, entry.crc, size32, size32,
+        len(entry.name), len(extra), 0, 0, 0, 0, offset32,
+    )  # fmt: skip
+    return header + entry.name + extra
