@@ -389,51 +389,69 @@ def load_block(
         UnfusableBlockError: NaN/Inf anywhere in the block, or
             ``running_var + eps <= 0`` in one of its BNs.
     """
-    c = _Checker(source, spec, infos, layout)
-    whole = read_whole or read
-    declared = bn_eps or {}
+    loader = _Loader(
+        _Checker(source, spec, infos, layout), infos, read_whole or read, eps, bn_eps or {},
+        layout,
+    )  # fmt: skip
+    return BlockTensors(
+        square=loader.branch(spec.square, read),
+        others=tuple(loader.branch(b, read) for b in spec.branches),
+        last_bn=loader.bn(spec.last_bn, read),
+        first_channel=first_channel,
+    )
 
-    def load(key: str, reader: Reader = read) -> np.ndarray:
-        values = dtypes.to_float64(reader(key), infos[key].dtype)
+
+@dataclass(frozen=True)
+class _Loader:
+    """Reads one block's tensors for :func:`load_block`, checking each value."""
+
+    checker: _Checker
+    infos: Mapping[str, TensorInfo]
+    whole: Reader
+    eps: float
+    declared: Mapping[str, float]
+    layout: str
+
+    def load(self, key: str, reader: Reader) -> np.ndarray:
+        values = dtypes.to_float64(reader(key), self.infos[key].dtype)
         if not np.all(np.isfinite(values)):
-            raise c.fail(f"'{key}' holds NaN or Inf; the training run may have diverged")
+            raise self.checker.fail(f"'{key}' holds NaN or Inf; the training run may have diverged")
         return values
 
-    def bn(s: BNSpec | None, reader: Reader = read) -> BNStats | None:
+    def bn(self, s: BNSpec | None, reader: Reader) -> BNStats | None:
         if s is None:
             return None
-        e = declared.get(s.mean, eps)
-        var = load(s.var, reader)
+        e = self.declared.get(s.mean, self.eps)
+        var = self.load(s.var, reader)
         if np.any(var + e <= 0):
-            raise c.fail(f"'{s.var}' + eps ({e:g}) is not positive; the BN statistics are corrupt")
+            raise self.checker.fail(
+                f"'{s.var}' + eps ({e:g}) is not positive; the BN statistics are corrupt"
+            )
         return BNStats(
-            mean=load(s.mean, reader),
+            mean=self.load(s.mean, reader),
             var=var,
-            weight=load(s.weight, reader) if s.weight else None,
-            bias=load(s.bias, reader) if s.bias else None,
+            weight=self.load(s.weight, reader) if s.weight else None,
+            bias=self.load(s.bias, reader) if s.bias else None,
             eps=e,
         )
 
-    def branch(s: BranchSpec, reader: Reader = read) -> Branch:
-        pre_reader = whole if s.kind == "seq" else reader
+    def branch(self, s: BranchSpec, reader: Reader) -> Branch:
+        # A sequential branch's first conv is read whole: its middle channels
+        # feed every output row of the slab.
+        pre_reader = self.whole if s.kind == "seq" else reader
+        weight = None
+        if s.weight:
+            weight = np.ascontiguousarray(from_layout(self.load(s.weight, reader), self.layout))
+        out_channels = None
+        if s.kind == "seq" and s.weight:
+            out_channels = _oihw(self.infos[s.weight].shape, self.layout)[0]
         return Branch(
-            weight=np.ascontiguousarray(from_layout(load(s.weight, reader), layout))
-            if s.weight
-            else None,
-            bias=load(s.bias, reader) if s.bias else None,
-            bn=bn(s.bn, reader),
+            weight=weight,
+            bias=self.load(s.bias, reader) if s.bias else None,
+            bn=self.bn(s.bn, reader),
             kind=s.kind,
             dilation=s.dilation,
-            pre=branch(s.pre, pre_reader) if s.pre else None,
+            pre=self.branch(s.pre, pre_reader) if s.pre else None,
             implicit_identity=s.implicit_identity,
-            out_channels=_oihw(infos[s.weight].shape, layout)[0]
-            if s.kind == "seq" and s.weight
-            else None,
+            out_channels=out_channels,
         )
-
-    return BlockTensors(
-        square=branch(spec.square),
-        others=tuple(branch(b) for b in spec.branches),
-        last_bn=bn(spec.last_bn),
-        first_channel=first_channel,
-    )
