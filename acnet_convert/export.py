@@ -398,6 +398,25 @@ def _finished(result: ExportResult, started: float) -> ExportResult:
     return dataclasses.replace(result, seconds=time.perf_counter() - started)
 
 
+def _checked_graph_opset(model: Any, options: ExportOptions) -> int:
+    """The exported graph's opset, once its batch axis and opset are as asked."""
+    from acnet_convert import onnxio
+
+    fixed = [a for a in onnxio.graph_batch_axes(model) if isinstance(a, int)]
+    if options.dynamic_batch and fixed:
+        raise ACNetConvertError(
+            f"--dynamic-batch: the exported graph fixes the batch at {fixed[0]}; does the net's "
+            "forward hard-code its batch size (e.g. a reshape to a fixed size)?"
+        )
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if options.opset is not None and opset != options.opset:
+        raise ACNetConvertError(
+            f"--opset {options.opset}: the exporter wrote opset {opset} instead (it could not "
+            "convert the graph); choose another opset, or leave --opset out"
+        )
+    return int(opset)
+
+
 def _export_and_check(
     tmp: Path,
     ckpt: Path,
@@ -415,19 +434,8 @@ def _export_and_check(
     onnxio.export_graph(nets.deployed, example, tmp, options.opset, options.dynamic_batch)
     export_seconds = time.perf_counter() - began
     model = onnxio.load_graph(tmp)
-    fixed = [a for a in onnxio.graph_batch_axes(model) if isinstance(a, int)]
-    if options.dynamic_batch and fixed:
-        raise ACNetConvertError(
-            f"--dynamic-batch: the exported graph fixes the batch at {fixed[0]}; does the net's "
-            "forward hard-code its batch size (e.g. a reshape to a fixed size)?"
-        )
+    opset = _checked_graph_opset(model, options)
     cases = _cases(tmp, nets, shape, options, rtols)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if options.opset is not None and opset != options.opset:
-        raise ACNetConvertError(
-            f"--opset {options.opset}: the exporter wrote opset {opset} instead (it could not "
-            "convert the graph); choose another opset, or leave --opset out"
-        )
     quant = quant_report(
         str(output),
         onnxio.conv_kernels(model),

@@ -270,20 +270,7 @@ class PthReader(CheckpointReader):
             raise BadCheckpointError(
                 f"{where} has no storage; the file was not written by torch.save"
             )
-        dtype = storage.dtype
-        if ref.dtype is not None:
-            if not isinstance(ref.dtype, DType):
-                raise BadCheckpointError(
-                    f"{where}: its dtype {short_repr(ref.dtype)} is not a torch dtype"
-                )
-            dtype = ref.dtype.name
-        if not isinstance(dtype, str):
-            raise BadCheckpointError(f"{where}: its storage has no element type")
-        if dtype not in dtypes.NUMPY_DTYPES:
-            raise BadCheckpointError(
-                f"{where} has dtype {dtype}, which acnet-convert does not handle; "
-                f"supported: {', '.join(dtypes.NUMPY_DTYPES)}"
-            )
+        dtype = _element_type(where, storage, ref)
         shape = _int_tuple(ref.shape)
         stride = _int_tuple(ref.stride)
         if shape is None or stride is None or len(shape) != len(stride):
@@ -465,3 +452,22 @@ def _torch_to_numpy(tensor: Any, dtype: str) -> np.ndarray:
         signed = {2: torch.int16, 4: torch.int32, 8: torch.int64}[target.itemsize]
         return np.array(t.view(signed).numpy().view(target), order="C", copy=True)
     return np.array(t.numpy(), dtype=target, order="C", copy=True)
+
+
+def _element_type(where: str, storage: StorageRef, ref: TensorRef) -> str:
+    """The tensor's dtype name (its own, or its storage's), refused unless we handle it."""
+    dtype = storage.dtype
+    if ref.dtype is not None:
+        if not isinstance(ref.dtype, DType):
+            raise BadCheckpointError(
+                f"{where}: its dtype {short_repr(ref.dtype)} is not a torch dtype"
+            )
+        dtype = ref.dtype.name
+    if not isinstance(dtype, str):
+        raise BadCheckpointError(f"{where}: its storage has no element type")
+    if dtype not in dtypes.NUMPY_DTYPES:
+        raise BadCheckpointError(
+            f"{where} has dtype {dtype}, which acnet-convert does not handle; "
+            f"supported: {', '.join(dtypes.NUMPY_DTYPES)}"
+        )
+    return dtype
