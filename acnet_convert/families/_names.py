@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from acnet_convert.naming import BNNames, BranchNames, bn_names
 
-__all__ = ["TORCH_PREFIX", "bn_only", "conv_bn", "seq_conv_bn"]
+__all__ = ["TORCH_PREFIX", "bn_only", "conv_bn", "over_parameterized", "seq_conv_bn"]
 
 # ``p`` includes its trailing dot, so a block at the top level has p == "".
 TORCH_PREFIX = r"(?P<p>(?:.+\.)?)"
@@ -36,3 +38,17 @@ def bn_only(stem: str) -> BranchNames:
     """An identity branch: a BN alone under ``<stem>``, present only when in == out."""
     names: BNNames = bn_names(f"{{p}}{stem}")
     return BranchNames(None, None, names, kind="identity", optional=True, role=stem)
+
+
+def over_parameterized(
+    convs: str, scale: str, skip: str
+) -> tuple[str, BranchNames, tuple[BranchNames, ...]]:
+    """MobileOne's block shape: anchor, primary and branches for N kxk ConvBNs ``<convs>.{i}``,
+    an optional 1x1 ConvBN ``<scale>`` and an identity BN ``<skip>``."""
+    anchor = TORCH_PREFIX + convs.replace(".", r"\.") + r"\.0\.conv\.weight"
+    branches = (
+        replace(conv_bn(f"{convs}.{{i}}", optional=True), repeat_from=1),
+        conv_bn(scale, optional=True),
+        bn_only(skip),
+    )
+    return anchor, conv_bn(f"{convs}.0"), branches

@@ -7,12 +7,12 @@ in == out and stride 1). A 1x1 block fuses into a 1x1 conv. Deploy: ``reparam_co
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-from acnet_convert.families._names import TORCH_PREFIX, bn_only, conv_bn
+from acnet_convert.families._names import over_parameterized
 from acnet_convert.naming import Dialect
 
 __all__ = ["DIALECTS"]
+
+_ANCHOR, _PRIMARY, _BRANCHES = over_parameterized("rbr_conv", "rbr_scale", "rbr_skip")
 
 DIALECTS = (
     Dialect(
@@ -21,13 +21,9 @@ DIALECTS = (
         exclusive=False,
         description="MobileOne: rbr_conv.{i} (.conv + .bn), rbr_scale, rbr_skip (BN); "
         "fused: reparam_conv",
-        anchor=TORCH_PREFIX + r"rbr_conv\.0\.conv\.weight",
-        square=conv_bn("rbr_conv.0"),
-        branches=(
-            replace(conv_bn("rbr_conv.{i}", optional=True), repeat_from=1),
-            conv_bn("rbr_scale", optional=True),
-            bn_only("rbr_skip"),
-        ),
+        anchor=_ANCHOR,
+        square=_PRIMARY,
+        branches=_BRANCHES,
         fused_weight="{p}reparam_conv.weight",
         fused_bias="{p}reparam_conv.bias",
         label="{p}",

@@ -9,13 +9,12 @@ branches), ``conv_scale`` (1x1), ``identity``. Deploy: ``reparam_conv``.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-from acnet_convert.families._names import TORCH_PREFIX, bn_only, conv_bn
+from acnet_convert.families._names import TORCH_PREFIX, bn_only, conv_bn, over_parameterized
 from acnet_convert.naming import Dialect
 
 __all__ = ["DIALECTS"]
 
+_MOBILEONE = over_parameterized("conv_kxk", "conv_scale", "identity")
 _OWN = ("{p}conv_1x1.conv.weight", "{p}conv_scale.conv.weight", "{p}identity.running_var")
 
 DIALECTS = (
@@ -39,13 +38,9 @@ DIALECTS = (
         exclusive=False,
         description="timm ByobNet MobileOneBlock: conv_kxk.{i}, conv_scale (.conv + .bn), "
         "identity (BN); fused: reparam_conv",
-        anchor=TORCH_PREFIX + r"conv_kxk\.0\.conv\.weight",
-        square=conv_bn("conv_kxk.0"),
-        branches=(
-            replace(conv_bn("conv_kxk.{i}", optional=True), repeat_from=1),
-            conv_bn("conv_scale", optional=True),
-            bn_only("identity"),
-        ),
+        anchor=_MOBILEONE[0],
+        square=_MOBILEONE[1],
+        branches=_MOBILEONE[2],
         fused_weight="{p}reparam_conv.weight",
         fused_bias="{p}reparam_conv.bias",
         label="{p}",
