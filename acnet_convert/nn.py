@@ -71,6 +71,71 @@ def _kernel_size(value: int | tuple[int, ...]) -> int:
     return kh
 
 
+def _padding(
+    padding: int | tuple[int, ...] | str, k: int, stride: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[int, int]:
+    if not isinstance(padding, str):
+        return _pair(padding, "padding")
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same" and stride == (1, 1):
+        return (dilation[0] * (k // 2), dilation[1] * (k // 2))
+    raise UsageError(
+        f"ACBlock: padding={padding!r} is not supported; give 'valid', "
+        "'same' (stride 1 only) or an int"
+    )
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """An ACBlock's conv geometry, checked as nn.Conv2d and ACNet's rule check it."""
+
+    kernel_size: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    padding_mode: PaddingMode
+
+    @property
+    def centre(self) -> tuple[int, int]:
+        """Offset of the centre row/column from the square window's top/left edge."""
+        half = self.kernel_size // 2
+        return self.dilation[0] * half, self.dilation[1] * half
+
+
+def _geometry(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int | tuple[int, ...],
+    stride: int | tuple[int, ...],
+    padding: int | tuple[int, ...] | str,
+    dilation: int | tuple[int, ...],
+    groups: int,
+    padding_mode: str,
+) -> _Geometry:
+    """ACBlock's arguments checked and normalised; a UsageError names the one that is wrong."""
+    k = _kernel_size(kernel_size)
+    stride_ = _pair(stride, "stride")
+    dilation_ = _pair(dilation, "dilation")
+    padding_ = _padding(padding, k, stride_, dilation_)
+    if min(stride_) < 1 or min(dilation_) < 1 or min(padding_) < 0:
+        raise UsageError(
+            f"ACBlock: stride {stride_} and dilation {dilation_} must be >= 1 and "
+            f"padding {padding_} >= 0"
+        )
+    if groups < 1 or in_channels % groups or out_channels % groups:
+        raise UsageError(
+            f"ACBlock: in_channels={in_channels} and out_channels={out_channels} "
+            f"must both be divisible by groups={groups}"
+        )
+    if padding_mode not in _PADDING_MODES:
+        raise UsageError(
+            f"ACBlock: padding_mode={padding_mode!r} is not one of {', '.join(_PADDING_MODES)}"
+        )
+    return _Geometry(k, stride_, padding_, dilation_, groups, padding_mode)
+
+
 class ACBlock(nn.Module):
     """A kxk conv trained as three BN'd branches (kxk, 1xk, kx1), fusable into one conv.
 
@@ -107,70 +172,49 @@ class ACBlock(nn.Module):
         eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        k = _kernel_size(kernel_size)
-        stride_ = _pair(stride, "stride")
-        dilation_ = _pair(dilation, "dilation")
-        if isinstance(padding, str):
-            if padding == "valid":
-                padding_ = (0, 0)
-            elif padding == "same" and stride_ == (1, 1):
-                padding_ = (dilation_[0] * (k // 2), dilation_[1] * (k // 2))
-            else:
-                raise UsageError(
-                    f"ACBlock: padding={padding!r} is not supported; give 'valid', "
-                    "'same' (stride 1 only) or an int"
-                )
-        else:
-            padding_ = _pair(padding, "padding")
-        if min(stride_) < 1 or min(dilation_) < 1 or min(padding_) < 0:
-            raise UsageError(
-                f"ACBlock: stride {stride_} and dilation {dilation_} must be >= 1 and "
-                f"padding {padding_} >= 0"
-            )
-        if groups < 1 or in_channels % groups or out_channels % groups:
-            raise UsageError(
-                f"ACBlock: in_channels={in_channels} and out_channels={out_channels} "
-                f"must both be divisible by groups={groups}"
-            )
-        if padding_mode not in _PADDING_MODES:
-            raise UsageError(
-                f"ACBlock: padding_mode={padding_mode!r} is not one of {', '.join(_PADDING_MODES)}"
-            )
-
+        geometry = _geometry(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
+        )
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = k
-        self.stride = stride_
-        self.padding = padding_
-        self.dilation = dilation_
-        self.groups = groups
-        self.padding_mode: PaddingMode = padding_mode
+        self.kernel_size = geometry.kernel_size
+        self.stride = geometry.stride
+        self.padding = geometry.padding
+        self.dilation = geometry.dilation
+        self.groups = geometry.groups
+        self.padding_mode: PaddingMode = geometry.padding_mode
         self.deploy = deploy
-        # Offset of the centre row/column from the square window's top/left edge.
-        centre = (dilation_[0] * (k // 2), dilation_[1] * (k // 2))
-        # Where the padding is smaller than that offset, the 1-D branch crops instead.
-        self._hor_crop = max(0, centre[0] - padding_[0])
-        self._ver_crop = max(0, centre[1] - padding_[1])
-
+        centre = geometry.centre
+        # Where the padding is smaller than the centre's offset, the 1-D branch crops instead.
+        self._hor_crop = max(0, centre[0] - self.padding[0])
+        self._ver_crop = max(0, centre[1] - self.padding[1])
         if deploy:
             self.fused_conv = self._square_geometry_conv(bias=True)
             self.register_module("last_bn", None)
-            return
+        else:
+            self._add_branches(centre, use_affine, use_last_bn, eps)
+
+    def _add_branches(
+        self, centre: tuple[int, int], use_affine: bool, use_last_bn: bool, eps: float
+    ) -> None:
+        """The training form's convs and BNs, registered in upstream acb.py's order."""
+        k, padding = self.kernel_size, self.padding
 
         def conv(kernel: tuple[int, int], pad: tuple[int, int]) -> nn.Conv2d:
             return nn.Conv2d(
-                in_channels, out_channels, kernel, stride=stride_, padding=pad,
-                dilation=dilation_, groups=groups, bias=False, padding_mode=self.padding_mode,
+                self.in_channels, self.out_channels, kernel, stride=self.stride, padding=pad,
+                dilation=self.dilation, groups=self.groups, bias=False,
+                padding_mode=self.padding_mode,
             )  # fmt: skip
 
         def bn(affine: bool) -> nn.BatchNorm2d:
-            return nn.BatchNorm2d(out_channels, eps=eps, affine=affine)
+            return nn.BatchNorm2d(self.out_channels, eps=eps, affine=affine)
 
-        self.square_conv = conv((k, k), padding_)
+        self.square_conv = conv((k, k), padding)
         self.square_bn = bn(use_affine)
         # Registration order follows upstream acb.py: ver before hor.
-        self.ver_conv = conv((k, 1), (padding_[0], max(0, padding_[1] - centre[1])))
-        self.hor_conv = conv((1, k), (max(0, padding_[0] - centre[0]), padding_[1]))
+        self.ver_conv = conv((k, 1), (padding[0], max(0, padding[1] - centre[1])))
+        self.hor_conv = conv((1, k), (max(0, padding[0] - centre[0]), padding[1]))
         self.ver_bn = bn(use_affine)
         self.hor_bn = bn(use_affine)
         # Upstream's last_bn is always affine.
