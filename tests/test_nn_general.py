@@ -1,26 +1,36 @@
-"""One rule for every way into a block.
+"""One rule for every way into a block, and verify's swapped-argument check for every family.
 
 A torch module and its checkpoint are refused by the same ACNet rule
 (:func:`acnet_convert.families.acnet.validate_acnet`), with the same problem;
 a module is read under upstream ACNet's dialect names, its optional dilated
-corner branch included.
+corner branch included. In network mode, a TRAIN that holds some family's
+fused convs and no training-time block is named as FUSED given first, whatever
+the family's deploy names (``fused_conv``, ``rbr_reparam``, ``reparam_conv``,
+``dbb_reparam``, ``lkb_reparam``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import family_reference as fr
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from acnet_convert.checkpoint import open_checkpoint
-from acnet_convert.errors import UnfusableBlockError
+from acnet_convert.convert import fuse_checkpoint
+from acnet_convert.errors import BadCheckpointError, UnfusableBlockError
 from acnet_convert.nn import ACBlock, block_tensors_from_module, find_acblocks, switch_to_deploy
 from acnet_convert.plan import FuseOptions, plan_fusion
+from acnet_convert.testing import randomise_bn_stats
+from acnet_convert.verify import VerifyOptions, VerifyResult, verify_checkpoints
+from acnet_convert.zoo import build_arch
 
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+FAMILY_REFERENCE = Path(__file__).with_name("family_reference.py")
 
 
 class _LookAlike(nn.Module):
@@ -139,3 +149,73 @@ def test_a_branch_with_the_wrong_dilation_is_refused(block: nn.Module, message: 
 def test_blocks_are_found_by_the_dialect_s_required_branches() -> None:
     model = nn.Sequential(_LookAlike(), _LookAlike(corner_dilation=2), nn.Conv2d(4, 4, 3))
     assert [name for name, _ in find_acblocks(model)] == ["0", "1"]
+
+
+# ----------------------------------------------------------------- swapped arguments
+
+
+def _save(net: nn.Module, path: Path, seed: int) -> Path:
+    randomise_bn_stats(net, seed)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def _fused(train: Path, out: Path) -> Path:
+    # the reference nets' deploy forms keep their plain conv+BN units: no --fold-bn
+    fuse_checkpoint(train, out, "safetensors", FuseOptions(layout="deploy", fold_bn=False))
+    return out
+
+
+def _verify(train: Path, fused: Path, **kw: object) -> VerifyResult:
+    return verify_checkpoints(train, fused, VerifyOptions(batch=2, **kw))  # type: ignore[arg-type]
+
+
+def test_swapped_acnet_checkpoints_are_named_in_arch_mode(tmp_path: Path) -> None:
+    train = _save(build_arch("cfqkbnc", "train"), tmp_path / "train.pth", seed=1)
+    fused = _fused(train, tmp_path / "fused.safetensors")
+    assert _verify(train, fused, arch="cfqkbnc").passed
+    with pytest.raises(BadCheckpointError, match="give the training checkpoint first") as info:
+        _verify(fused, train, arch="cfqkbnc")
+    message = str(info.value)
+    assert str(fused) in message and "fused_conv.weight" in message and "ACNet" in message
+    assert info.value.exit_code == 3
+
+
+@pytest.mark.parametrize(
+    ("family", "factory", "deploy_name", "title"),
+    [
+        ("repvgg", fr.repvgg_net, "rbr_reparam.weight", "RepVGG"),
+        ("mobileone", fr.mobileone_net, "reparam_conv.weight", "MobileOne"),
+        ("dbb", fr.dbb_net, "dbb_reparam.weight", "DBB"),
+        ("replknet", fr.replknet_net, "lkb_reparam.weight", "RepLKNet"),
+    ],
+)
+def test_swapped_checkpoints_of_other_families_are_named_in_model_mode(
+    family: str,
+    factory: Callable[..., nn.Module],
+    deploy_name: str,
+    title: str,
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(3)
+    train = _save(factory(), tmp_path / f"{family}.pth", seed=3)
+    fused = _fused(train, tmp_path / f"{family}_fused.safetensors")
+    model = f"{FAMILY_REFERENCE}:{factory.__name__}"
+    shape = (3, 12, 12)
+    assert _verify(train, fused, model=model, input_shape=shape).passed
+    with pytest.raises(BadCheckpointError, match="give the training checkpoint first") as info:
+        _verify(fused, train, model=model, input_shape=shape)
+    message = str(info.value)
+    assert str(fused) in message and deploy_name in message and f"a {title} deploy" in message
+    assert info.value.exit_code == 3
+
+
+def test_a_training_form_that_does_not_fit_is_not_called_swapped(tmp_path: Path) -> None:
+    # TRAIN is a RepVGG training checkpoint, the model another family's net: a plain misfit
+    torch.manual_seed(4)
+    train = _save(fr.repvgg_net(), tmp_path / "repvgg.pth", seed=4)
+    fused = _fused(train, tmp_path / "repvgg_fused.safetensors")
+    model = f"{FAMILY_REFERENCE}:mobileone_net"
+    with pytest.raises(BadCheckpointError, match="does not fit") as info:
+        _verify(train, fused, model=model, input_shape=(3, 12, 12))
+    assert "give the training checkpoint first" not in str(info.value)
