@@ -177,7 +177,7 @@ def test_swapped_acnet_checkpoints_are_named_in_arch_mode(tmp_path: Path) -> Non
     with pytest.raises(BadCheckpointError, match="give the training checkpoint first") as info:
         _verify(fused, train, arch="cfqkbnc")
     message = str(info.value)
-    assert str(fused) in message and "fused_conv.weight" in message and "ACNet" in message
+    assert str(fused) in message and "fused_conv.weight" in message and "ACNet's" in message
     assert info.value.exit_code == 3
 
 
@@ -206,7 +206,7 @@ def test_swapped_checkpoints_of_other_families_are_named_in_model_mode(
     with pytest.raises(BadCheckpointError, match="give the training checkpoint first") as info:
         _verify(fused, train, model=model, input_shape=shape)
     message = str(info.value)
-    assert str(fused) in message and deploy_name in message and f"a {title} deploy" in message
+    assert str(fused) in message and deploy_name in message and f"{title}'s deploy convs" in message
     assert info.value.exit_code == 3
 
 

@@ -270,8 +270,8 @@ def _refuse_swapped(
         return
     key, dialect = found
     raise BadCheckpointError(
-        f"{train.path}: holds fused weights (e.g. '{key}', a {family_title(dialect.family)} "
-        "deploy conv) and no training-time block; give the training checkpoint first: "
+        f"{train.path}: holds fused weights ({family_title(dialect.family)}'s deploy convs, "
+        f"e.g. '{key}') and no training-time block; give the training checkpoint first: "
         "verify TRAIN FUSED"
     )
 
