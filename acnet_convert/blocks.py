@@ -11,7 +11,7 @@ dialect's ``validate``. Every message names the file, the block and the key.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ __all__ = [
     "BlockGeometry",
     "BranchGeometry",
     "block_geometry",
+    "fits_centred",
     "from_layout",
     "load_block",
     "to_layout",
@@ -118,6 +119,21 @@ def from_layout(array: np.ndarray, layout: str) -> np.ndarray:
     return array.transpose(3, 2, 0, 1) if layout == "HWIO" else array
 
 
+def fits_centred(shape: Sequence[int], target: Sequence[int], dilation: int = 1) -> bool:
+    """Whether an OIHW kernel (its extent with ``dilation``) fits centred in ``target``.
+
+    The rule every family's branches follow: the same [O, I], no side larger
+    than the target's, and even differences (so the branch has a centre).
+
+    >>> fits_centred((4, 2, 1, 3), (4, 2, 5, 5)), fits_centred((4, 2, 2, 1), (4, 2, 3, 3))
+    (True, False)
+    """
+    dh = target[2] - (dilation * (shape[2] - 1) + 1)
+    dw = target[3] - (dilation * (shape[3] - 1) + 1)
+    same_io = tuple(shape[:2]) == tuple(target[:2])
+    return same_io and dh >= 0 and dw >= 0 and dh % 2 == 0 and dw % 2 == 0
+
+
 class _Checker:
     def __init__(
         self, source: str, spec: BlockSpec, infos: Mapping[str, TensorInfo], layout: str
@@ -196,9 +212,8 @@ class _Checker:
 
     def fits(self, key: str, shape: tuple[int, ...], target: tuple[int, ...], d: int) -> None:
         """A conv kernel (dilated extent) that fits centred in the target, same [O, I]."""
-        extent = (d * (shape[2] - 1) + 1, d * (shape[3] - 1) + 1)
-        dh, dw = target[2] - extent[0], target[3] - extent[1]
-        if shape[:2] != target[:2] or dh < 0 or dw < 0 or dh % 2 or dw % 2:
+        if not fits_centred(shape, target, d):
+            extent = (d * (shape[2] - 1) + 1, d * (shape[3] - 1) + 1)
             what = f" (dilation {d}: {extent[0]}x{extent[1]})" if d > 1 else ""
             raise self.fail(
                 f"'{key}' has shape {list(shape)}{what}, which does not fit centred in the primary "

@@ -13,8 +13,9 @@ input, and with dilation the crop/pad amount scales with the dilation. Every
 padding mode works, because padding by ``p`` and then cropping ``c`` equals
 padding by ``p - c`` for zeros, reflect, replicate and circular padding alike.
 
-Fusion itself is :func:`acnet_convert.fusion.fuse_block` (float64 numpy); this
-module only moves tensors in and out of it.
+Fusion itself is :func:`acnet_convert.fusion.fuse_block` (float64 numpy); a
+block's tensors are read and checked by :mod:`acnet_convert.torch_blocks` (ACNet's
+one rule, as ``fuse`` applies it); this module only moves tensors in and out.
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ import torch
 from torch import Tensor, nn
 
 from acnet_convert.errors import UnfusableBlockError, UsageError
-from acnet_convert.fusion import BlockTensors, BNStats, Branch, fuse_block
+from acnet_convert.fusion import fuse_block
+from acnet_convert.torch_blocks import (
+    BRANCHES,
+    REQUIRED_BRANCHES,
+    acnet_problem,
+    block_label,
+    block_tensors_from_module,
+)
 
 __all__ = [
     "ACBlock",
@@ -41,8 +49,7 @@ __all__ = [
 
 PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 _PADDING_MODES: tuple[PaddingMode, ...] = ("zeros", "reflect", "replicate", "circular")
-_BRANCH_CONVS = ("square_conv", "hor_conv", "ver_conv")
-_BRANCH_BNS = {"square_conv": "square_bn", "hor_conv": "hor_bn", "ver_conv": "ver_bn"}
+_SQUARE = BRANCHES[0]
 
 
 def _pair(value: int | tuple[int, ...], what: str) -> tuple[int, int]:
@@ -61,14 +68,81 @@ def _pair(value: int | tuple[int, ...], what: str) -> tuple[int, int]:
 
 
 def _kernel_size(value: int | tuple[int, ...]) -> int:
-    """The one side of a square, odd kernel of at least 3."""
+    """The one side of the square kernel, where ACNet's rule takes the block ACBlock builds."""
     kh, kw = _pair(value, "kernel_size")
-    if kh != kw or kh < 3 or kh % 2 == 0:
+    # the three convs ACBlock builds from it
+    kernels = [("square_conv", (kh, kw), 1), ("hor_conv", (1, kw), 1), ("ver_conv", (kh, 1), 1)]
+    if acnet_problem((1, 1, kh, kw), kernels):
         raise UsageError(
             f"ACBlock: kernel_size must be a square, odd size of at least 3, got {value!r}; "
             "use nn.Conv2d for 1x1 and even kernels"
         )
     return kh
+
+
+def _padding(
+    padding: int | tuple[int, ...] | str, k: int, stride: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[int, int]:
+    if not isinstance(padding, str):
+        return _pair(padding, "padding")
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same" and stride == (1, 1):
+        return (dilation[0] * (k // 2), dilation[1] * (k // 2))
+    raise UsageError(
+        f"ACBlock: padding={padding!r} is not supported; give 'valid', "
+        "'same' (stride 1 only) or an int"
+    )
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """An ACBlock's conv geometry, checked as nn.Conv2d and ACNet's rule check it."""
+
+    kernel_size: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    padding_mode: PaddingMode
+
+    @property
+    def centre(self) -> tuple[int, int]:
+        """Offset of the centre row/column from the square window's top/left edge."""
+        half = self.kernel_size // 2
+        return self.dilation[0] * half, self.dilation[1] * half
+
+
+def _geometry(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int | tuple[int, ...],
+    stride: int | tuple[int, ...],
+    padding: int | tuple[int, ...] | str,
+    dilation: int | tuple[int, ...],
+    groups: int,
+    padding_mode: str,
+) -> _Geometry:
+    """ACBlock's arguments checked and normalised; a UsageError names the one that is wrong."""
+    k = _kernel_size(kernel_size)
+    stride_ = _pair(stride, "stride")
+    dilation_ = _pair(dilation, "dilation")
+    padding_ = _padding(padding, k, stride_, dilation_)
+    if min(stride_) < 1 or min(dilation_) < 1 or min(padding_) < 0:
+        raise UsageError(
+            f"ACBlock: stride {stride_} and dilation {dilation_} must be >= 1 and "
+            f"padding {padding_} >= 0"
+        )
+    if groups < 1 or in_channels % groups or out_channels % groups:
+        raise UsageError(
+            f"ACBlock: in_channels={in_channels} and out_channels={out_channels} "
+            f"must both be divisible by groups={groups}"
+        )
+    if padding_mode not in _PADDING_MODES:
+        raise UsageError(
+            f"ACBlock: padding_mode={padding_mode!r} is not one of {', '.join(_PADDING_MODES)}"
+        )
+    return _Geometry(k, stride_, padding_, dilation_, groups, padding_mode)
 
 
 class ACBlock(nn.Module):
@@ -107,70 +181,49 @@ class ACBlock(nn.Module):
         eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        k = _kernel_size(kernel_size)
-        stride_ = _pair(stride, "stride")
-        dilation_ = _pair(dilation, "dilation")
-        if isinstance(padding, str):
-            if padding == "valid":
-                padding_ = (0, 0)
-            elif padding == "same" and stride_ == (1, 1):
-                padding_ = (dilation_[0] * (k // 2), dilation_[1] * (k // 2))
-            else:
-                raise UsageError(
-                    f"ACBlock: padding={padding!r} is not supported; give 'valid', "
-                    "'same' (stride 1 only) or an int"
-                )
-        else:
-            padding_ = _pair(padding, "padding")
-        if min(stride_) < 1 or min(dilation_) < 1 or min(padding_) < 0:
-            raise UsageError(
-                f"ACBlock: stride {stride_} and dilation {dilation_} must be >= 1 and "
-                f"padding {padding_} >= 0"
-            )
-        if groups < 1 or in_channels % groups or out_channels % groups:
-            raise UsageError(
-                f"ACBlock: in_channels={in_channels} and out_channels={out_channels} "
-                f"must both be divisible by groups={groups}"
-            )
-        if padding_mode not in _PADDING_MODES:
-            raise UsageError(
-                f"ACBlock: padding_mode={padding_mode!r} is not one of {', '.join(_PADDING_MODES)}"
-            )
-
+        geometry = _geometry(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
+        )
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = k
-        self.stride = stride_
-        self.padding = padding_
-        self.dilation = dilation_
-        self.groups = groups
-        self.padding_mode: PaddingMode = padding_mode
+        self.kernel_size = geometry.kernel_size
+        self.stride = geometry.stride
+        self.padding = geometry.padding
+        self.dilation = geometry.dilation
+        self.groups = geometry.groups
+        self.padding_mode: PaddingMode = geometry.padding_mode
         self.deploy = deploy
-        # Offset of the centre row/column from the square window's top/left edge.
-        centre = (dilation_[0] * (k // 2), dilation_[1] * (k // 2))
-        # Where the padding is smaller than that offset, the 1-D branch crops instead.
-        self._hor_crop = max(0, centre[0] - padding_[0])
-        self._ver_crop = max(0, centre[1] - padding_[1])
-
+        centre = geometry.centre
+        # Where the padding is smaller than the centre's offset, the 1-D branch crops instead.
+        self._hor_crop = max(0, centre[0] - self.padding[0])
+        self._ver_crop = max(0, centre[1] - self.padding[1])
         if deploy:
             self.fused_conv = self._square_geometry_conv(bias=True)
             self.register_module("last_bn", None)
-            return
+        else:
+            self._add_branches(centre, use_affine, use_last_bn, eps)
+
+    def _add_branches(
+        self, centre: tuple[int, int], use_affine: bool, use_last_bn: bool, eps: float
+    ) -> None:
+        """The training form's convs and BNs, registered in upstream acb.py's order."""
+        k, padding = self.kernel_size, self.padding
 
         def conv(kernel: tuple[int, int], pad: tuple[int, int]) -> nn.Conv2d:
             return nn.Conv2d(
-                in_channels, out_channels, kernel, stride=stride_, padding=pad,
-                dilation=dilation_, groups=groups, bias=False, padding_mode=self.padding_mode,
+                self.in_channels, self.out_channels, kernel, stride=self.stride, padding=pad,
+                dilation=self.dilation, groups=self.groups, bias=False,
+                padding_mode=self.padding_mode,
             )  # fmt: skip
 
         def bn(affine: bool) -> nn.BatchNorm2d:
-            return nn.BatchNorm2d(out_channels, eps=eps, affine=affine)
+            return nn.BatchNorm2d(self.out_channels, eps=eps, affine=affine)
 
-        self.square_conv = conv((k, k), padding_)
+        self.square_conv = conv((k, k), padding)
         self.square_bn = bn(use_affine)
         # Registration order follows upstream acb.py: ver before hor.
-        self.ver_conv = conv((k, 1), (padding_[0], max(0, padding_[1] - centre[1])))
-        self.hor_conv = conv((1, k), (max(0, padding_[0] - centre[0]), padding_[1]))
+        self.ver_conv = conv((k, 1), (padding[0], max(0, padding[1] - centre[1])))
+        self.hor_conv = conv((1, k), (max(0, padding[0] - centre[0]), padding[1]))
         self.ver_bn = bn(use_affine)
         self.hor_bn = bn(use_affine)
         # Upstream's last_bn is always affine.
@@ -221,7 +274,7 @@ class ACBlock(nn.Module):
         """
         if self.deploy:
             raise UnfusableBlockError(
-                f"{_where(self, name)} is already in deploy form; nothing to fuse"
+                f"{block_label(self, name)} is already in deploy form; nothing to fuse"
             )
         return _fused_tensors(self, name)
 
@@ -235,8 +288,9 @@ class ACBlock(nn.Module):
         kernel, bias = self.get_equivalent_kernel_bias(name)
         fused = self._square_geometry_conv(bias=True).to(device=kernel.device, dtype=kernel.dtype)
         _copy_into(fused, kernel, bias)
-        for attr in ("square_conv", "square_bn", "hor_conv", "hor_bn", "ver_conv", "ver_bn"):
-            delattr(self, attr)
+        for branch in REQUIRED_BRANCHES:
+            delattr(self, branch.conv)
+            delattr(self, branch.bn)
         self.last_bn = None
         self.fused_conv = fused
         self.deploy = True
@@ -272,109 +326,8 @@ def find_acblocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (name, module)
         for name, module in model.named_modules()
-        if all(isinstance(getattr(module, attr, None), nn.Module) for attr in _BRANCH_CONVS)
+        if all(isinstance(getattr(module, b.conv, None), nn.Module) for b in REQUIRED_BRANCHES)
     ]
-
-
-def _numpy(t: Tensor) -> np.ndarray:
-    return t.detach().to(device="cpu", dtype=torch.float64).numpy()
-
-
-def _bn_stats(bn: object, where: str, eps: float | None) -> BNStats:
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        raise UnfusableBlockError(f"{where} is a {type(bn).__name__}, not a BatchNorm")
-    if bn.running_mean is None or bn.running_var is None:
-        raise UnfusableBlockError(
-            f"{where} keeps no running statistics (track_running_stats=False), so it "
-            "normalises with batch statistics and cannot be folded into a conv"
-        )
-    return BNStats(
-        mean=_numpy(bn.running_mean),
-        var=_numpy(bn.running_var),
-        weight=_numpy(bn.weight) if bn.weight is not None else None,
-        bias=_numpy(bn.bias) if bn.bias is not None else None,
-        eps=float(bn.eps if eps is None else eps),
-    )
-
-
-def _where(module: nn.Module, name: str) -> str:
-    return f"block '{name}'" if name else f"{type(module).__name__} block"
-
-
-def block_tensors_from_module(
-    module: nn.Module, eps: float | None = None, name: str = ""
-) -> BlockTensors:
-    """The float64 :class:`~acnet_convert.fusion.BlockTensors` of a training-form block.
-
-    ``module`` needs ``square_conv``, ``hor_conv`` and ``ver_conv`` (each with a
-    ``weight`` and optional ``bias``), normally ``square_bn``, ``hor_bn`` and
-    ``ver_bn``, and optionally ``last_bn``. A branch without its BN is taken as
-    it is. The 1-D branches are told apart by their kernel shapes, not their
-    names, and may be shorter than the square (legacy 1x3/3x1 on a 5x5 square).
-
-    Args:
-        module: the block (upstream's ACBlock, this package's, or a look-alike).
-        eps: overrides every BN's own ``eps`` when given.
-        name: the block's name in its model, for error messages.
-
-    Raises:
-        UnfusableBlockError: a missing conv, inconsistent shapes or geometry, or a
-            BN without running statistics; the message names the block.
-
-    >>> t = block_tensors_from_module(ACBlock(2, 4, 3, padding=1))
-    >>> t.square.weight.shape, [b.weight.shape for b in t.others]
-    ((4, 2, 3, 3), [(4, 2, 1, 3), (4, 2, 3, 1)])
-    """
-    where = _where(module, name)
-    branches: list[Branch] = []
-    geometry: dict[str, tuple[object, ...]] = {}
-    for conv_name in _BRANCH_CONVS:
-        conv = getattr(module, conv_name, None)
-        weight = getattr(conv, "weight", None)
-        if not isinstance(conv, nn.Module) or not isinstance(weight, Tensor) or weight.dim() != 4:
-            raise UnfusableBlockError(
-                f"{where}: '{conv_name}' is missing or has no 4-D weight; is it already fused?"
-            )
-        bias = getattr(conv, "bias", None)
-        bn_name = _BRANCH_BNS[conv_name]
-        bn = getattr(module, bn_name, None)
-        stats = _bn_stats(bn, f"{where}: '{bn_name}'", eps) if bn is not None else None
-        if stats is not None and stats.mean.shape != (weight.shape[0],):
-            raise UnfusableBlockError(
-                f"{where}: '{bn_name}' has {stats.mean.shape[0]} channels but "
-                f"'{conv_name}' has {weight.shape[0]} outputs"
-            )
-        branches.append(
-            Branch(_numpy(weight), _numpy(bias) if isinstance(bias, Tensor) else None, stats)
-        )
-        geometry[conv_name] = tuple(
-            getattr(conv, attr, None) for attr in ("stride", "groups", "padding_mode")
-        )
-    last = getattr(module, "last_bn", None)
-    last_stats = _bn_stats(last, f"{where}: 'last_bn'", eps) if last is not None else None
-
-    square, *others = branches
-    shapes = [b.weight.shape for b in branches if b.weight is not None]
-    out_ch, in_ch, k, kw = shapes[0]
-    if k != kw:
-        raise UnfusableBlockError(f"{where}: 'square_conv' kernel {k}x{kw} is not square")
-    for conv_name, shape in zip(_BRANCH_CONVS[1:], shapes[1:], strict=True):
-        o, i, h, w = shape
-        if (o, i) != (out_ch, in_ch) or h > k or w > k or (k - h) % 2 or (k - w) % 2:
-            raise UnfusableBlockError(
-                f"{where}: '{conv_name}' weight {tuple(shape)} does not fit "
-                f"centred in 'square_conv' weight {tuple(shapes[0])}"
-            )
-        if geometry[conv_name] != geometry["square_conv"]:
-            raise UnfusableBlockError(
-                f"{where}: '{conv_name}' has stride/groups/padding_mode "
-                f"{geometry[conv_name]} but 'square_conv' has {geometry['square_conv']}"
-            )
-    if last_stats is not None and last_stats.mean.shape != (out_ch,):
-        raise UnfusableBlockError(
-            f"{where}: 'last_bn' has {last_stats.mean.shape[0]} channels, expected {out_ch}"
-        )
-    return BlockTensors(square=square, others=tuple(others), last_bn=last_stats)
 
 
 def _fused_tensors(module: nn.Module, name: str) -> tuple[Tensor, Tensor]:
@@ -382,12 +335,12 @@ def _fused_tensors(module: nn.Module, name: str) -> tuple[Tensor, Tensor]:
     kernel, bias = fuse_block(block_tensors_from_module(module, name=name))
     if not (np.all(np.isfinite(kernel)) and np.all(np.isfinite(bias))):
         raise UnfusableBlockError(
-            f"{_where(module, name)}: the fused kernel is not finite; check the BNs' running_var "
+            f"{block_label(module, name)}: the fused kernel is not finite; check the BNs' running_var "
             "and eps for non-positive or non-finite values"
         )
-    like = getattr(module.square_conv, "weight", None)
+    like = getattr(getattr(module, _SQUARE.conv), "weight", None)
     if not isinstance(like, Tensor):  # pragma: no cover - checked by block_tensors_from_module
-        raise UnfusableBlockError(f"{_where(module, name)}: 'square_conv' has no weight")
+        raise UnfusableBlockError(f"{block_label(module, name)}: '{_SQUARE.conv}' has no weight")
     return (
         torch.from_numpy(kernel).to(device=like.device, dtype=like.dtype),
         torch.from_numpy(bias).to(device=like.device, dtype=like.dtype),
@@ -396,9 +349,9 @@ def _fused_tensors(module: nn.Module, name: str) -> tuple[Tensor, Tensor]:
 
 def _deploy_block_like(module: nn.Module, name: str) -> ACBlock:
     """An ACBlock in deploy form with the geometry of a foreign block's square conv."""
-    square = module.square_conv
+    square = getattr(module, _SQUARE.conv)
     if not isinstance(square, nn.Conv2d):
-        raise UnfusableBlockError(f"block '{name}': 'square_conv' is not an nn.Conv2d")
+        raise UnfusableBlockError(f"block '{name}': '{_SQUARE.conv}' is not an nn.Conv2d")
     padding = square.padding
     if isinstance(padding, str):
         raise UnfusableBlockError(f"block '{name}': string padding {padding!r} is not supported")

@@ -6,6 +6,7 @@ import json
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -238,6 +239,50 @@ def _listing_case(kind: str, name: str, keys: list[str], what: str, passed: bool
     )
 
 
+_Worst = tuple[float, str, float, float, float]  # ratio to the tolerance, key, abs, ref, allowed
+
+
+@dataclass(frozen=True)
+class _CopiedDiff:
+    """One copied tensor that is not bit-identical to its source in TRAIN.
+
+    ``differs`` is the listing's line when it is off by more than the tolerance;
+    ``incomparable``: another shape or a non-float dtype (always the worst so far).
+    """
+
+    worst: _Worst
+    cosine: float
+    differs: str | None
+    incomparable: bool = False
+
+
+def _compare_copied(
+    train: CheckpointReader,
+    fused: CheckpointReader,
+    out: str,
+    src: str,
+    options: VerifyOptions,
+    rtol: float,
+) -> _CopiedDiff | None:
+    """FUSED's ``out`` against TRAIN's ``src``; None when copied bit for bit, as fuse does."""
+    a_info, b_info = train.tensors[src], fused.tensors[out]
+    a, b = train.read(src), fused.read(out)
+    never = (math.inf, out, math.inf, 0.0, 0.0)
+    if a_info.shape != b_info.shape:
+        shapes = f"{list(b_info.shape)} in FUSED, {list(a_info.shape)} in TRAIN"
+        return _CopiedDiff(never, 1.0, f"'{out}' has shape {shapes}", incomparable=True)
+    if a_info.dtype == b_info.dtype and np.array_equal(a, b):
+        return None
+    if a_info.dtype not in dtypes.FLOAT_DTYPES or b_info.dtype not in dtypes.FLOAT_DTYPES:
+        what = f"'{out}' ({a_info.dtype} in TRAIN, {b_info.dtype} in FUSED) differs"
+        return _CopiedDiff(never, 1.0, what, incomparable=True)
+    c = compare_outputs(dtypes.to_float64(a, a_info.dtype), dtypes.to_float64(b, b_info.dtype))
+    allowed = options.atol + rtol * c.ref_max
+    ratio = c.max_abs / allowed if allowed > 0 else (0.0 if c.max_abs == 0 else math.inf)
+    differs = None if c.within(rtol, options.atol) else f"'{out}' (max_abs {c.max_abs:.3g})"
+    return _CopiedDiff((ratio, out, c.max_abs, c.ref_max, allowed), c.cosine, differs)
+
+
 def _copied_case(
     train: CheckpointReader,
     fused: CheckpointReader,
@@ -251,33 +296,26 @@ def _copied_case(
     present = [(out, src) for out, src in plan.origins.items() if out in fused.tensors]
     if not present:
         return None, notes
-    worst: tuple[float, str, float, float, float] | None = None  # ratio, key, abs, ref, allowed
+    worst: _Worst | None = None
     differing: list[str] = []
     cosine = 1.0
     for out, src in present:
-        a_info, b_info = train.tensors[src], fused.tensors[out]
-        a, b = train.read(src), fused.read(out)
-        if a_info.shape != b_info.shape:
-            shapes = f"{list(b_info.shape)} in FUSED, {list(a_info.shape)} in TRAIN"
-            differing.append(f"'{out}' has shape {shapes}")
-            worst = (math.inf, out, math.inf, 0.0, 0.0)
+        diff = _compare_copied(train, fused, out, src, options, rtol)
+        if diff is None:
             continue
-        if a_info.dtype == b_info.dtype and np.array_equal(a, b):
-            continue  # copied bit for bit, as fuse does
-        if a_info.dtype not in dtypes.FLOAT_DTYPES or b_info.dtype not in dtypes.FLOAT_DTYPES:
-            differing.append(f"'{out}' ({a_info.dtype} in TRAIN, {b_info.dtype} in FUSED) differs")
-            worst = (math.inf, out, math.inf, 0.0, 0.0)
-            continue
-        c = compare_outputs(dtypes.to_float64(a, a_info.dtype), dtypes.to_float64(b, b_info.dtype))
-        allowed = options.atol + rtol * c.ref_max
-        ratio = c.max_abs / allowed if allowed > 0 else (0.0 if c.max_abs == 0 else math.inf)
-        if not c.within(rtol, options.atol):
-            differing.append(f"'{out}' (max_abs {c.max_abs:.3g})")
-        if worst is None or ratio > worst[0]:
-            worst = (ratio, out, c.max_abs, c.ref_max, allowed)
-        cosine = min(cosine, c.cosine)
-    if worst is None:
-        worst = (0.0, "", 0.0, 0.0, options.atol)
+        if diff.differs is not None:
+            differing.append(diff.differs)
+        if diff.incomparable or worst is None or diff.worst[0] > worst[0]:
+            worst = diff.worst
+        cosine = min(cosine, diff.cosine)
+    worst = worst or (0.0, "", 0.0, 0.0, options.atol)
+    seconds = time.perf_counter() - began
+    return _copied_result(len(present), worst, differing, cosine, seconds), notes
+
+
+def _copied_result(
+    count: int, worst: _Worst, differing: list[str], cosine: float, seconds: float
+) -> CaseResult:
     _, key, max_abs, ref_max, allowed = worst
     detail = (
         f"{len(differing)} differ: {'; '.join(differing[:_SHOW_KEYS])}"
@@ -286,20 +324,17 @@ def _copied_case(
         if key
         else ""
     )
-    return (
-        CaseResult(
-            name=f"copied tensors ({len(present)})",
-            kind="tensors",
-            passed=not differing,
-            max_abs=max_abs,
-            max_rel=max_abs / ref_max if ref_max > 0 else (0.0 if max_abs == 0 else math.inf),
-            cosine=cosine,
-            ref_max=ref_max,
-            allowed=allowed,
-            detail=detail,
-            seconds=time.perf_counter() - began,
-        ),
-        notes,
+    return CaseResult(
+        name=f"copied tensors ({count})",
+        kind="tensors",
+        passed=not differing,
+        max_abs=max_abs,
+        max_rel=max_abs / ref_max if ref_max > 0 else (0.0 if max_abs == 0 else math.inf),
+        cosine=cosine,
+        ref_max=ref_max,
+        allowed=allowed,
+        detail=detail,
+        seconds=seconds,
     )
 
 

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+import re
+import string
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from acnet_convert.checkpoint import CheckpointReader
+from acnet_convert.dialects import find_blocks
 from acnet_convert.errors import (
     ACNetConvertError,
     BadCheckpointError,
 )
+from acnet_convert.families import ALL_DIALECTS, family_title
 from acnet_convert.keyfit import a_few, key_misfit
 from acnet_convert.layouts import get_layout, planned_layouts, required_keys
-from acnet_convert.plan import FuseOptions, plan_fusion
+from acnet_convert.naming import Dialect
+from acnet_convert.plan import FuseOptions, _already_fused, plan_fusion
 from acnet_convert.verify.archs import _arch_spec
 from acnet_convert.verify.factories import _call_factory, _load_factory, _takes_deploy
 from acnet_convert.verify.options import _SHOW_KEYS, VerifyOptions
@@ -205,6 +210,72 @@ class _Nets:
     notes: list[str]
 
 
+def _template_regex(template: str) -> re.Pattern[str]:
+    """A key template as a regex: ``{p}`` a module prefix with its dot (maybe empty), any
+    other field some text, a field used twice the same text both times."""
+    parts: list[str] = []
+    seen: set[str] = set()
+    for literal, name, _, _ in string.Formatter().parse(template):
+        parts.append(re.escape(literal))
+        if name is None:
+            continue
+        if name in seen:
+            parts.append(f"(?P={name})")
+        else:
+            parts.append(f"(?P<{name}>(?:.+\\.)?)" if name == "p" else f"(?P<{name}>.+)")
+        seen.add(name)
+    return re.compile("".join(parts))
+
+
+def _deploy_key(
+    candidates: Sequence[str], keys: Collection[str], dialects: Sequence[Dialect]
+) -> tuple[str, Dialect] | None:
+    """The first candidate that is a dialect's fused conv weight, its fused bias in ``keys``."""
+    for dialect in dialects:
+        weight = _template_regex(dialect.fused_weight)
+        for key in candidates:
+            match = weight.fullmatch(key)
+            try:
+                bias = dialect.fused_bias.format(**match.groupdict()) if match else None
+            except (KeyError, IndexError, ValueError):  # a field only the bias uses
+                bias = None
+            if bias is not None and bias in keys:
+                return key, dialect
+    return None
+
+
+def _has_training_blocks(train: CheckpointReader, options: VerifyOptions) -> bool:
+    """Whether TRAIN has a training-time block (not one already fused) by the naming options."""
+    try:
+        detection = find_blocks(train.tensors, options.dialect, tuple(options.extra_dialects))
+    except ACNetConvertError:
+        return True  # ambiguous blocks are blocks; a bad --dialect is refused elsewhere
+    return any(not _already_fused(b, train.tensors) for b in detection.blocks)
+
+
+def _refuse_swapped(
+    train: CheckpointReader,
+    train_state: Mapping[str, object],
+    train_net: nn.Module,
+    options: VerifyOptions,
+) -> None:
+    """TRAIN with no training-time block but a family's fused convs, which the training
+    form does not have: FUSED given first. Found from every family's deploy names."""
+    _, unexpected = _key_misfit(train_net, train_state)
+    if not unexpected or _has_training_blocks(train, options):
+        return
+    dialects = (*options.extra_dialects, *ALL_DIALECTS)
+    found = _deploy_key(unexpected, train_state.keys(), dialects)
+    if found is None:
+        return
+    key, dialect = found
+    raise BadCheckpointError(
+        f"{train.path}: holds fused weights ({family_title(dialect.family)}'s deploy convs, "
+        f"e.g. '{key}') and no training-time block; give the training checkpoint first: "
+        "verify TRAIN FUSED"
+    )
+
+
 def _build_nets(
     train: CheckpointReader,
     fused: CheckpointReader,
@@ -216,13 +287,8 @@ def _build_nets(
     train_state = _state_dict(train)
     fused_state = _state_dict(fused)
     forms = net_forms(options, arch)
-    fused_keys = [k for k in train_state if k.endswith("fused_conv.weight")]
-    if fused_keys and not any("square" in k for k in train_state):
-        raise BadCheckpointError(
-            f"{train.path}: holds fused weights (e.g. '{fused_keys[0]}'), not training-time "
-            "branches; give the training checkpoint first: verify TRAIN FUSED"
-        )
     train_net = forms.train
+    _refuse_swapped(train, train_state, train_net, options)
     train_net.to(dtype=dtype)
     _set_eps(train_net, options.eps)
     _load_strict(
