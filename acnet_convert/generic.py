@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from acnet_convert.errors import UnfusableBlockError
+from acnet_convert.families.acnet import acnet_problem
 from acnet_convert.naming import BlockSpec, BNSpec, BranchSpec, Dialect, bn_names
 
 __all__ = ["branch_bn_stems", "generic_blocks"]
@@ -81,7 +82,9 @@ def generic_blocks(dialect: Dialect, keys: Mapping[str, object]) -> list[BlockSp
       ``<parent>.<name>_bn``, ``<parent>.bn_<name>``.
     * under one parent, the convs with the same [O, I] form a block when
       they are exactly one odd kxk (k >= 3), one 1xk' and one k'x1 (k' odd,
-      1 < k' <= k). Any other mix (two squares, a lone 1xk) is no block.
+      1 < k' <= k): ACNet's own rule,
+      :func:`~acnet_convert.families.acnet.acnet_problem`. Any other mix (two
+      squares, a lone 1xk) is no block.
 
     * a parent holding several squares and 1-D convs (sibling triples of a
       network that names them ``conv{i}_1/_2/_3``) is ambiguous: refused,
@@ -118,14 +121,11 @@ def generic_blocks(dialect: Dialect, keys: Mapping[str, object]) -> list[BlockSp
     found: list[tuple[int, BlockSpec]] = []
     order = {key: i for i, key in enumerate(keys)}
     for (parent, _, _), group in convs.items():
-        squares = [c for c in group if c.shape[2] == c.shape[3] >= 3 and c.shape[2] % 2 == 1]
-        rows = [c for c in group if c.shape[2] == 1 and c.shape[3] > 1]
-        cols = [c for c in group if c.shape[3] == 1 and c.shape[2] > 1]
+        squares, rows, cols = _by_shape(group)
         if not (len(squares) == len(rows) == len(cols) == 1):
             continue
         square, row, col = squares[0], rows[0], cols[0]
-        k = square.shape[2]
-        if any(n % 2 == 0 or n > k for n in (row.shape[3], col.shape[2])):
+        if acnet_problem([(c.key, (c.shape[2], c.shape[3]), 1) for c in (square, row, col)]):
             continue
         _refuse_unattached_bn((square, row, col), keys)
         fields = {"p": f"{parent}." if parent else ""}
@@ -148,14 +148,20 @@ _BN_LIKE = re.compile(
 )
 
 
+def _by_shape(convs: Sequence[_Conv]) -> tuple[list[_Conv], list[_Conv], list[_Conv]]:
+    """The odd squares of 3 or more, the 1xk and the kx1 among ``convs``."""
+    squares = [c for c in convs if c.shape[2] == c.shape[3] >= 3 and c.shape[2] % 2 == 1]
+    rows = [c for c in convs if c.shape[2] == 1 and c.shape[3] > 1]
+    cols = [c for c in convs if c.shape[3] == 1 and c.shape[2] > 1]
+    return squares, rows, cols
+
+
 def _refuse_ambiguous(convs: Mapping[tuple[str, int, int], list[_Conv]]) -> None:
     by_parent: dict[str, list[_Conv]] = {}
     for (parent, _, _), group in convs.items():
         by_parent.setdefault(parent, []).extend(group)
     for parent, group in by_parent.items():
-        squares = [c for c in group if c.shape[2] == c.shape[3] >= 3 and c.shape[2] % 2 == 1]
-        rows = [c for c in group if c.shape[2] == 1 and c.shape[3] > 1]
-        cols = [c for c in group if c.shape[3] == 1 and c.shape[2] > 1]
+        squares, rows, cols = _by_shape(group)
         if len(squares) > 1 and rows and cols:
             where = f"'{parent}'" if parent else "the top level"
             raise UnfusableBlockError(

@@ -30,11 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from acnet_convert.errors import UnfusableBlockError, UsageError
+from acnet_convert.families.acnet import acnet_problem
 from acnet_convert.fusion import fuse_block
 from acnet_convert.torch_blocks import (
     BRANCHES,
     REQUIRED_BRANCHES,
-    acnet_problem,
     block_label,
     block_tensors_from_module,
 )
@@ -72,7 +72,7 @@ def _kernel_size(value: int | tuple[int, ...]) -> int:
     kh, kw = _pair(value, "kernel_size")
     # the three convs ACBlock builds from it
     kernels = [("square_conv", (kh, kw), 1), ("hor_conv", (1, kw), 1), ("ver_conv", (kh, 1), 1)]
-    if acnet_problem((1, 1, kh, kw), kernels):
+    if acnet_problem(kernels):
         raise UsageError(
             f"ACBlock: kernel_size must be a square, odd size of at least 3, got {value!r}; "
             "use nn.Conv2d for 1x1 and even kernels"

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from acnet_convert.blocks import BlockGeometry, BranchGeometry, fits_centred
+from acnet_convert.blocks import fits_centred
 from acnet_convert.errors import UnfusableBlockError
 from acnet_convert.families.acnet import DIALECTS as _ACNET_DIALECTS
-from acnet_convert.families.acnet import validate_acnet
+from acnet_convert.families.acnet import acnet_problem
 from acnet_convert.fusion import BlockTensors, BNStats, Branch
 from acnet_convert.naming import BranchNames
 
@@ -33,7 +33,6 @@ __all__ = [
     "LAST_BN",
     "REQUIRED_BRANCHES",
     "BranchModules",
-    "acnet_problem",
     "block_label",
     "block_tensors_from_module",
 ]
@@ -74,21 +73,6 @@ def _upstream_names() -> tuple[tuple[BranchModules, ...], str]:
 # square_conv/square_bn, hor_*, ver_*, the optional corner_*, and last_bn: upstream's acb.py
 BRANCHES, LAST_BN = _upstream_names()
 REQUIRED_BRANCHES = tuple(b for b in BRANCHES if not b.optional)
-
-
-def acnet_problem(
-    square: tuple[int, ...], branches: Sequence[tuple[str, tuple[int, int], int]]
-) -> str | None:
-    """ACNet's rule (:func:`validate_acnet`) on the geometry :mod:`acnet_convert.blocks`
-    would build for a block whose branches are ``(name, kernel extent, dilation)``."""
-    out_channels, in_per_group, kh, kw = square
-    geometry = BlockGeometry(
-        out_channels=out_channels, in_per_group=in_per_group, kh=kh, kw=kw, groups=None,
-        branches=tuple(BranchGeometry("conv", name, name, kernel, dilation, True, (name,))
-                       for name, kernel, dilation in branches),
-        dtype="float64", has_last_bn=False, affine=True, conv_bias=False,
-    )  # fmt: skip
-    return validate_acnet(geometry)
 
 
 def _numpy(t: Tensor) -> np.ndarray:
@@ -191,7 +175,7 @@ def _check_parts(parts: Sequence[_Part], where: str) -> None:
                 f"{part.settings} but '{square.names.conv}' has {square.settings}{needs}"
             )
     kernels = [(p.names.conv, p.extent, p.names.dilation) for p in parts]
-    problem = acnet_problem(square.shape, kernels)
+    problem = acnet_problem(kernels, (square.shape[2], square.shape[3]))
     if problem:
         raise UnfusableBlockError(f"{where}: {problem}")
 

@@ -13,35 +13,49 @@ square's corners), fused like the others.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from acnet_convert.naming import BranchNames, Dialect, bn_names
 
-__all__ = ["DIALECTS", "GENERIC", "validate_acnet"]
+__all__ = ["DIALECTS", "GENERIC", "acnet_problem", "validate_acnet"]
 
 
 def validate_acnet(geometry: Any) -> str | None:
     """ACNet's rule on a block's :class:`~acnet_convert.blocks.BlockGeometry`; a problem or None."""
-    kh, kw = geometry.kh, geometry.kw
-    first = geometry.branches[0]
+    return acnet_problem(
+        [(b.key, b.kernel, b.dilation) for b in geometry.branches], (geometry.kh, geometry.kw)
+    )
+
+
+def acnet_problem(
+    branches: Sequence[tuple[str, tuple[int, int], int]], square: tuple[int, int] | None = None
+) -> str | None:
+    """ACNet's rule on ``(key, kernel extent, dilation)`` per branch, the square first.
+
+    ``square`` is the target's kernel (default: the first branch's). Dilated
+    branches (upstream's corner conv) are extra and not counted as 1-D ones.
+
+    >>> acnet_problem([("sq", (3, 3), 1), ("h", (1, 3), 1), ("v", (3, 1), 1)]) is None
+    True
+    """
+    kh, kw = square or branches[0][1]
     if kh != kw or kh % 2 == 0 or kh < 3:
         return (
-            f"'{first.key}' has a {kh}x{kw} kernel; an asymmetric block needs an odd "
+            f"'{branches[0][0]}' has a {kh}x{kw} kernel; an asymmetric block needs an odd "
             "square kernel of size 3 or more"
         )
-    others = [b for b in geometry.branches[1:] if b.dilation == 1]  # corners are extra
-    shapes = [b.kernel for b in others]
+    others = [(key, kernel) for key, kernel, dilation in branches[1:] if dilation == 1]
     kinds = sorted(
-        "hor" if h == 1 and w > 1 else "ver" if w == 1 and h > 1 else "bad" for h, w in shapes
+        "hor" if h == 1 and w > 1 else "ver" if w == 1 and h > 1 else "bad" for _, (h, w) in others
     )
     if len(others) != 2 or kinds != ["hor", "ver"]:
-        listing = " and ".join(f"'{b.key}' {list(b.kernel)}" for b in others)
+        listing = " and ".join(f"'{key}' {list(kernel)}" for key, kernel in others)
         return f"the 1-D kernels {listing} are not one 1xk and one kx1"
-    for branch in others:
-        h, w = branch.kernel
+    for key, (h, w) in others:
         if max(h, w) % 2 == 0 or max(h, w) > kh:
             return (
-                f"'{branch.key}' is {h}x{w}; a 1-D kernel must have odd length no longer "
+                f"'{key}' is {h}x{w}; a 1-D kernel must have odd length no longer "
                 f"than the {kh}x{kh} square"
             )
     return None
