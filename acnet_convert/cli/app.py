@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from acnet_convert import __version__
+from acnet_convert.choices import FAMILIES, LAYOUTS
 from acnet_convert.errors import (
     UsageError,
 )
@@ -60,7 +61,7 @@ def _json_option(fn: F) -> F:
     )(fn)
 
 
-_LAYOUT_CHOICE = click.Choice(["deploy", "baseline", "baseline-bias"])
+_LAYOUT_CHOICE = click.Choice(LAYOUTS)
 
 
 def _naming_options(fn: F) -> F:
@@ -76,7 +77,7 @@ def _naming_options(fn: F) -> F:
         "--dialect",
         "dialect",
         default=None,
-        help="Force a block family (acnet, dbb, repvgg, repconv, mobileone, timm, replknet) "
+        help=f"Force a block family ({', '.join(FAMILIES)}) "
         "or one naming dialect instead of detecting it (see 'inspect').",
     )(fn)
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from acnet_convert.choices import DEFAULT_LOSS_THRESHOLD_DB
 from acnet_convert.cli.app import (
     _EXIT_HELP,
     _emit_json,
@@ -80,7 +81,7 @@ if TYPE_CHECKING:
 @click.option(
     "--loss-threshold",
     type=float,
-    default=20.0,
+    default=DEFAULT_LOSS_THRESHOLD_DB,
     show_default=True,
     metavar="DB",
     help="Flag a conv when per-tensor int8 costs its worst channel more than this many dB.",

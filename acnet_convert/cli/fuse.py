@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from acnet_convert.choices import FORMATS
 from acnet_convert.cli.app import (
     _EXIT_HELP,
     _LAYOUT_CHOICE,
@@ -63,7 +64,7 @@ def _fuse_options(
 @click.option(
     "--to",
     "to_format",
-    type=click.Choice(["pth", "hdf5", "safetensors", "pdparams"]),
+    type=click.Choice(FORMATS),
     help="Output format (default: from OUT's extension; with --out-dir: the input's).",
 )
 @click.option(

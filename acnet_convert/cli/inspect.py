@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from acnet_convert.choices import DEFAULT_LOSS_THRESHOLD_DB
 from acnet_convert.cli.app import (
     _EXIT_HELP,
     _LAYOUT_CHOICE,
@@ -29,7 +30,7 @@ def _quant_options(fn: F) -> F:
     fn = click.option(
         "--loss-threshold",
         type=float,
-        default=20.0,
+        default=DEFAULT_LOSS_THRESHOLD_DB,
         show_default=True,
         metavar="DB",
         help="Flag a conv when per-tensor int8 costs its worst output channel more than "

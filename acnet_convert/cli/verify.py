@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from acnet_convert.choices import COMPUTE_DTYPES, VERIFY_LAYOUTS
 from acnet_convert.cli.app import (
     _EXIT_HELP,
     _json_option,
@@ -57,7 +58,7 @@ __all__ = ["archs", "verify"]
 @click.option("--list-archs", is_flag=True, help="List the built-in architectures and exit.")
 @click.option(
     "--layout",
-    type=click.Choice(["auto", "deploy", "baseline", "baseline-bias"]),
+    type=click.Choice(VERIFY_LAYOUTS),
     default="auto",
     show_default=True,
     help="FUSED's layout; auto: found from its keys.",
@@ -119,7 +120,7 @@ __all__ = ["archs", "verify"]
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "float64"]),
+    type=click.Choice(COMPUTE_DTYPES),
     default="float32",
     show_default=True,
     help="Dtype both nets run in.",
