@@ -1,16 +1,15 @@
-"""The click group and what every command shares: consoles, --json, common options, parsing."""
+"""The click group and what every command shares: consoles, JSON output, parsing."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from acnet_convert import __version__
-from acnet_convert.choices import FAMILIES, LAYOUTS
 from acnet_convert.errors import (
     UsageError,
 )
@@ -19,9 +18,6 @@ __all__ = ["EXIT_INTERNAL", "cli"]
 
 
 EXIT_INTERNAL = 70
-
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 _EXIT_HELP = """
@@ -53,42 +49,6 @@ _json_printed: list[bool] = []  # whether a command already printed its JSON doc
 def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, allow_nan=True))
     _json_printed.append(True)
-
-
-def _json_option(fn: F) -> F:
-    return click.option(
-        "--json", "as_json", is_flag=True, help="Print a machine-readable JSON report on stdout."
-    )(fn)
-
-
-_LAYOUT_CHOICE = click.Choice(LAYOUTS)
-
-
-def _naming_options(fn: F) -> F:
-    """--dialect and --patterns, which fuse and inspect share."""
-    fn = click.option(
-        "--patterns",
-        type=click.Path(path_type=Path),
-        default=None,
-        help="TOML file defining extra naming dialects (see README).",
-    )(fn)
-    return click.option(
-        "--family",
-        "--dialect",
-        "dialect",
-        default=None,
-        help=f"Force a block family ({', '.join(FAMILIES)}) "
-        "or one naming dialect instead of detecting it (see 'inspect').",
-    )(fn)
-
-
-def _trust_option(fn: F) -> F:
-    return click.option(
-        "--trust-pickle",
-        is_flag=True,
-        help="Load .pth files with full pickle, which can run code stored in the file. "
-        "Only for files you trust; see SECURITY.md.",
-    )(fn)
 
 
 @click.group(

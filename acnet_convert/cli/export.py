@@ -7,20 +7,28 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from acnet_convert.choices import DEFAULT_LOSS_THRESHOLD_DB
 from acnet_convert.cli.app import (
     _EXIT_HELP,
     _emit_json,
-    _json_option,
     _stderr,
-    _trust_option,
     cli,
 )
-from acnet_convert.cli.render import _escape, _show_result
-from acnet_convert.errors import (
-    ACNetConvertError,
-    UsageError,
+from acnet_convert.cli.options import (
+    batch_option,
+    eps_option,
+    force_option,
+    input_shape_option,
+    json_option,
+    loss_threshold_option,
+    network_options,
+    plot_option,
+    quiet_option,
+    seed_option,
+    tolerance_options,
+    trust_option,
 )
+from acnet_convert.cli.render import _escape, _show_result
+from acnet_convert.errors import ACNetConvertError, UsageError
 
 __all__ = ["export"]
 
@@ -31,26 +39,12 @@ if TYPE_CHECKING:
 @cli.command(epilog=_EXIT_HELP)
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--arch", default=None, metavar="NAME", help="Built-in architecture (see 'archs').")
-@click.option(
-    "--model",
-    default=None,
-    metavar="FILE.py:FACTORY",
-    help="Your own factory (FILE.py:FACTORY or package.module:FACTORY) building the "
+@network_options(
+    arch_help="Built-in architecture (see 'archs').",
+    model_help="Your own factory (FILE.py:FACTORY or package.module:FACTORY) building the "
     "training-time net; its deployed form is factory(deploy=True) where it takes 'deploy'.",
 )
-@click.option(
-    "--model-arg",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Keyword argument for --model's factory (repeatable; values read as Python literals).",
-)
-@click.option(
-    "--input-shape",
-    default=None,
-    metavar="C,H,W",
-    help="Shape of one input. [default: the architecture's]",
-)
+@input_shape_option("Shape of one input. [default: the architecture's]")
 @click.option(
     "--opset",
     type=int,
@@ -58,45 +52,22 @@ if TYPE_CHECKING:
     help="ONNX opset, 14 or newer. [default: the exporter's, 20 with torch 2.13]",
 )
 @click.option("--dynamic-batch", is_flag=True, help="Make the batch axis symbolic.")
-@click.option(
-    "--batch",
-    type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
-    help="Seeded inputs per check (with --dynamic-batch, also batch+1).",
+@batch_option(2, "Seeded inputs per check (with --dynamic-batch, also batch+1).")
+@seed_option("Seed of the test batch.")
+@tolerance_options(
+    "verify's: 1e-5 in float32; against the training net, 1e-2 for float16 and 5e-2 "
+    "for bfloat16 checkpoints"
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the test batch.")
-@click.option(
-    "--rtol",
-    type=float,
-    default=None,
-    help="Pass when max_abs <= atol + rtol * max|reference|. [default: verify's: 1e-5 in "
-    "float32; against the training net, 1e-2 for float16 and 5e-2 for bfloat16 checkpoints]",
-)
-@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance.")
-@click.option(
-    "--eps", type=float, default=None, help="BatchNorm epsilon for fusing. [default: as fuse]"
-)
+@eps_option("BatchNorm epsilon for fusing. [default: as fuse]")
 @click.option("--dialect", default=None, help="Force CKPT's naming dialect (see 'inspect').")
-@click.option(
-    "--loss-threshold",
-    type=float,
-    default=DEFAULT_LOSS_THRESHOLD_DB,
-    show_default=True,
-    metavar="DB",
-    help="Flag a conv when per-tensor int8 costs its worst channel more than this many dB.",
+@loss_threshold_option(
+    "Flag a conv when per-tensor int8 costs its worst channel more than this many dB."
 )
-@click.option(
-    "--plot",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    metavar="FILE.png",
-    help="Draw the graph's int8 figures per layer (needs pip install 'acnet-convert[plot]').",
-)
-@click.option("--force", "-f", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--quiet", "-q", is_flag=True, help="No notes or summary on stderr.")
-@_trust_option
-@_json_option
+@plot_option("Draw the graph's int8 figures per layer (needs pip install 'acnet-convert[plot]').")
+@force_option
+@quiet_option("No notes or summary on stderr.")
+@trust_option
+@json_option
 def export(
     checkpoint: Path,
     output: Path,

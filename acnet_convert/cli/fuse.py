@@ -5,29 +5,38 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from acnet_convert.choices import FORMATS
 from acnet_convert.cli.app import (
     _EXIT_HELP,
-    _LAYOUT_CHOICE,
     _emit_json,
-    _json_option,
     _load_patterns,
-    _naming_options,
     _parse_renames,
     _stderr,
     _stdout,
-    _trust_option,
     cli,
 )
 from acnet_convert.cli.main import _fail
+from acnet_convert.cli.options import (
+    eps_option,
+    force_option,
+    json_option,
+    layout_option,
+    naming_options,
+    quiet_option,
+    rename_option,
+    trust_option,
+)
 from acnet_convert.cli.render import _details, _escape, _summary
 from acnet_convert.errors import (
     UsageError,
 )
+
+if TYPE_CHECKING:
+    from acnet_convert.plan import FuseOptions
 
 __all__ = ["fuse"]
 
@@ -43,7 +52,7 @@ def _fuse_options(
     *,
     fold_bn: bool | None = None,
     allow_unfused: bool = False,
-) -> Any:
+) -> FuseOptions:
     from acnet_convert.plan import FuseOptions
 
     return FuseOptions(
@@ -67,29 +76,15 @@ def _fuse_options(
     type=click.Choice(FORMATS),
     help="Output format (default: from OUT's extension; with --out-dir: the input's).",
 )
-@click.option(
-    "--eps",
-    type=float,
-    default=None,
-    help="BatchNorm epsilon. [default: 1e-5, upstream ACNet's; 1e-3 for Keras files]",
-)
+@eps_option("BatchNorm epsilon. [default: 1e-5, upstream ACNet's; 1e-3 for Keras files]")
 @click.option("--no-check", is_flag=True, help="Skip the numerical check of every fused block.")
-@click.option("--force", "-f", is_flag=True, help="Replace OUT if it exists.")
-@click.option(
-    "--layout",
-    type=_LAYOUT_CHOICE,
-    default="deploy",
-    show_default=True,
-    help="deploy: <p>.fused_conv.{weight,bias}; baseline: <u>.conv.weight + identity <u>.bn.*; "
-    "baseline-bias: <u>.conv.{weight,bias}.",
+@force_option
+@layout_option(
+    "deploy: <p>.fused_conv.{weight,bias}; baseline: <u>.conv.weight + identity <u>.bn.*; "
+    "baseline-bias: <u>.conv.{weight,bias}."
 )
-@_naming_options
-@click.option(
-    "--rename",
-    multiple=True,
-    metavar="REGEX=REPLACEMENT",
-    help="Rename output keys (repeatable, applied in order).",
-)
+@naming_options()
+@rename_option("Rename output keys (repeatable, applied in order).")
 @click.option("--dry-run", is_flag=True, help="Show what would be written, write nothing.")
 @click.option(
     "--fold-bn/--no-fold-bn",
@@ -118,12 +113,12 @@ def _fuse_options(
     show_default=True,
     help="Worker processes with --out-dir.",
 )
-@click.option("--quiet", "-q", is_flag=True, help="No progress or summary on stderr.")
+@quiet_option("No progress or summary on stderr.")
 @click.option(
     "--verbose", "-v", is_flag=True, help="Also the dialect and each block's figures on stderr."
 )
-@_trust_option
-@_json_option
+@trust_option
+@json_option
 def fuse(
     paths: tuple[Path, ...],
     to_format: str | None,

@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from acnet_convert.choices import COMPUTE_DTYPES, VERIFY_LAYOUTS
 from acnet_convert.cli.app import (
     _EXIT_HELP,
-    _json_option,
     _load_patterns,
     _parse_renames,
     _stderr,
-    _trust_option,
     _write_text,
     cli,
+)
+from acnet_convert.cli.options import (
+    batch_option,
+    eps_option,
+    input_shape_option,
+    json_option,
+    layout_option,
+    naming_options,
+    network_options,
+    quiet_option,
+    rename_option,
+    seed_option,
+    tolerance_options,
+    trust_option,
 )
 from acnet_convert.cli.render import _escape, _render_archs, _render_verify, _show_result
 from acnet_convert.errors import (
@@ -24,30 +37,19 @@ from acnet_convert.errors import (
     UsageError,
 )
 
+if TYPE_CHECKING:
+    pass
+
 __all__ = ["archs", "verify"]
 
 
 @cli.command(epilog=_EXIT_HELP)
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path), metavar="TRAIN FUSED")
-@click.option(
-    "--arch",
-    default=None,
-    metavar="NAME",
-    help="Rebuild both nets as this built-in architecture (see --list-archs). "
+@network_options(
+    arch_help="Rebuild both nets as this built-in architecture (see --list-archs). "
     "[default: the one TRAIN's keys match, else block by block]",
-)
-@click.option(
-    "--model",
-    default=None,
-    metavar="FILE.py:FACTORY",
-    help="Rebuild both nets from your own factory (FILE.py:FACTORY or package.module:FACTORY), "
-    "which builds the training-time net.",
-)
-@click.option(
-    "--model-arg",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Keyword argument for --model's factory (repeatable; values read as Python literals).",
+    model_help="Rebuild both nets from your own factory (FILE.py:FACTORY or "
+    "package.module:FACTORY), which builds the training-time net.",
 )
 @click.option(
     "--blocks",
@@ -56,55 +58,17 @@ __all__ = ["archs", "verify"]
     help="Check block by block even where an architecture matches.",
 )
 @click.option("--list-archs", is_flag=True, help="List the built-in architectures and exit.")
-@click.option(
-    "--layout",
-    type=click.Choice(VERIFY_LAYOUTS),
-    default="auto",
-    show_default=True,
-    help="FUSED's layout; auto: found from its keys.",
-)
-@click.option(
-    "--family",
-    "--dialect",
-    "dialect",
-    default=None,
-    help="Force TRAIN's block family or naming dialect (see 'inspect'). "
+@layout_option("FUSED's layout; auto: found from its keys.", choices=VERIFY_LAYOUTS, default="auto")
+@naming_options(
+    family_help="Force TRAIN's block family or naming dialect (see 'inspect'). "
     "[default: what FUSED records, else detected]",
+    patterns_help="TOML file defining extra naming dialects, as given to 'fuse'.",
 )
-@click.option(
-    "--patterns",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="TOML file defining extra naming dialects, as given to 'fuse'.",
-)
-@click.option(
-    "--rename",
-    multiple=True,
-    metavar="REGEX=REPLACEMENT",
-    help="The renames given to 'fuse' (repeatable). [default: what FUSED records]",
-)
-@click.option(
-    "--eps",
-    type=float,
-    default=None,
-    help="BatchNorm epsilon. [default: the dialect's in block mode, the nets' own otherwise]",
-)
-@click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of the random input batch."
-)
-@click.option(
-    "--batch",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="Random inputs per check.",
-)
-@click.option(
-    "--input-shape",
-    default=None,
-    metavar="C,H,W",
-    help="Shape of one random input. [default: the architecture's]",
-)
+@rename_option("The renames given to 'fuse' (repeatable). [default: what FUSED records]")
+@eps_option("BatchNorm epsilon. [default: the dialect's in block mode, the nets' own otherwise]")
+@seed_option("Seed of the random input batch.")
+@batch_option(8, "Random inputs per check.")
+@input_shape_option("Shape of one random input. [default: the architecture's]")
 @click.option(
     "--input",
     "input_path",
@@ -125,14 +89,10 @@ __all__ = ["archs", "verify"]
     show_default=True,
     help="Dtype both nets run in.",
 )
-@click.option(
-    "--rtol",
-    type=float,
-    default=None,
-    help="Pass when max_abs <= atol + rtol * max|reference|. [default: 1e-5 in float32, "
-    "1e-10 in float64; 1e-5 where FUSED is stored in float32, 1e-2 float16, 5e-2 bfloat16]",
+@tolerance_options(
+    "1e-5 in float32, 1e-10 in float64; 1e-5 where FUSED is stored in float32, "
+    "1e-2 float16, 5e-2 bfloat16"
 )
-@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance.")
 @click.option(
     "--junit",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -144,9 +104,9 @@ __all__ = ["archs", "verify"]
     is_flag=True,
     help="Pass although FUSED holds tensors that TRAIN does not explain (block mode).",
 )
-@click.option("--quiet", "-q", is_flag=True, help="No notes or summary on stderr.")
-@_trust_option
-@_json_option
+@quiet_option("No notes or summary on stderr.")
+@trust_option
+@json_option
 def verify(
     paths: tuple[Path, ...],
     arch: str | None,
@@ -273,7 +233,7 @@ def _raise_if_swapped(train: Path, fused: Path, trust_pickle: bool, error: Excep
 
 
 @cli.command(epilog=_EXIT_HELP)
-@_json_option
+@json_option
 def archs(as_json: bool) -> None:
     """List the built-in architectures 'verify --arch' can rebuild."""
     _render_archs(as_json)
