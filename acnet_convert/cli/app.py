@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,20 @@ def _emit_json(data: Any) -> None:
     _json_printed.append(True)
 
 
+@contextlib.contextmanager
+def _status(message: str, *, quiet: bool) -> Iterator[Any]:
+    """A spinner on stderr while the block runs, yielded (``.update(text)``), or None.
+
+    None when ``quiet`` or when stderr is not a terminal (a log, CI): no spinner there.
+    """
+    err = _stderr()
+    if quiet or not err.is_terminal:
+        yield None
+        return
+    with err.status(message) as status:
+        yield status
+
+
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=_EXIT_HELP,
@@ -84,6 +99,22 @@ def _parse_renames(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
             raise UsageError(f"--rename '{value}': bad regular expression: {err}") from err
         rules.append((pattern, replacement))
     return tuple(rules)
+
+
+def _parse_network(
+    model_arg: Sequence[str], input_shape: str | None
+) -> tuple[tuple[tuple[str, Any], ...], tuple[int, ...] | None]:
+    """--model-arg and --input-shape (verify, export): the factory's keywords, the (C, H, W)."""
+    from acnet_convert.verify import parse_input_shape, parse_model_args
+
+    model_args = parse_model_args(model_arg)
+    return model_args, parse_input_shape(input_shape) if input_shape is not None else None
+
+
+def _require_folder(option: str, path: Path | None) -> None:
+    """Refuse an output option (--junit, --plot) whose folder does not exist, before any work."""
+    if path is not None and not path.parent.is_dir():
+        raise UsageError(f"{option} {path}: the folder '{path.parent}' does not exist")
 
 
 def _load_patterns(path: Path | None) -> tuple[Any, ...]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +12,9 @@ import click
 from acnet_convert.cli.app import (
     _EXIT_HELP,
     _emit_json,
+    _parse_network,
+    _require_folder,
+    _status,
     _stderr,
     cli,
 )
@@ -27,13 +32,13 @@ from acnet_convert.cli.options import (
     tolerance_options,
     trust_option,
 )
-from acnet_convert.cli.render import _escape, _show_result
-from acnet_convert.errors import ACNetConvertError, UsageError
+from acnet_convert.cli.render import _escape, _show_result, _write_plot
+from acnet_convert.errors import ACNetConvertError, VerificationError
 
 __all__ = ["export"]
 
 if TYPE_CHECKING:
-    from acnet_convert.export import ExportOptions
+    from acnet_convert.export import ExportOptions, ExportResult
 
 
 @cli.command(epilog=_EXIT_HELP)
@@ -71,24 +76,13 @@ if TYPE_CHECKING:
 def export(
     checkpoint: Path,
     output: Path,
-    arch: str | None,
-    model: str | None,
     model_arg: tuple[str, ...],
     input_shape: str | None,
-    opset: int | None,
-    dynamic_batch: bool,
-    batch: int,
-    seed: int,
-    rtol: float | None,
-    atol: float,
-    eps: float | None,
-    dialect: str | None,
     loss_threshold: float,
     plot: Path | None,
-    force: bool,
     quiet: bool,
-    trust_pickle: bool,
     as_json: bool,
+    **fields: Any,
 ) -> None:
     """Export the deployed net as one ONNX file and prove it: export CKPT OUT.onnx --arch NAME.
 
@@ -100,29 +94,32 @@ def export(
     checkpoint, the training-time net. OUT appears only when they agree (exit 1 otherwise).
     Needs the export extra: pip install 'acnet-convert[export]'.
     """
-    try:
+    with _json_on_error(checkpoint, output, as_json):
         from acnet_convert.export import ExportOptions
-        from acnet_convert.verify import parse_input_shape, parse_model_args
 
         _check_plot(plot)
+        model_args, shape = _parse_network(model_arg, input_shape)
+        # The options named as ExportOptions' fields (--arch, --opset, --force...) pass as given.
         options = ExportOptions(
-            arch=arch,
-            model=model,
-            model_args=parse_model_args(model_arg),
-            input_shape=parse_input_shape(input_shape) if input_shape is not None else None,
-            opset=opset,
-            dynamic_batch=dynamic_batch,
-            batch=batch,
-            seed=seed,
-            rtol=rtol,
-            atol=atol,
-            eps=eps,
-            dialect=dialect,
-            trust_pickle=trust_pickle,
-            force=force,
-            loss_threshold_db=loss_threshold,
+            **fields, model_args=model_args, input_shape=shape, loss_threshold_db=loss_threshold
         )
         result = _run_export(checkpoint, output, options, quiet)
+    from acnet_convert.cli.exportview import render_export
+
+    _show_result(result, render_export, quiet=quiet, as_json=as_json)
+    if not result.passed:
+        raise VerificationError(result.failure_message())
+    if plot is not None:
+        _write_plot(result.quant, plot, quiet=quiet)
+    if not quiet:
+        _stderr().print(_exported_line(result))
+
+
+@contextlib.contextmanager
+def _json_on_error(checkpoint: Path, output: Path, as_json: bool) -> Iterator[None]:
+    """With --json, a user error before the result still prints export's JSON document."""
+    try:
+        yield
     except ACNetConvertError as error:
         if as_json:
             _emit_json(
@@ -138,27 +135,6 @@ def export(
                 }
             )
         raise
-    from acnet_convert.cli.exportview import render_export
-
-    err = _stderr()
-    _show_result(result, render_export, quiet=quiet, as_json=as_json)
-    if not result.passed:
-        from acnet_convert.errors import VerificationError
-
-        raise VerificationError(result.failure_message())
-    if plot is not None:
-        from acnet_convert.quantplot import plot_quant_report
-
-        plot_quant_report(result.quant, plot)
-        if not quiet:
-            err.print(f"wrote {_escape(str(plot))}")
-    if not quiet:
-        worst = max(result.cases, key=lambda c: c.max_rel)
-        err.print(
-            f"exported {_escape(result.output)} ({result.onnx_bytes:,} bytes, opset "
-            f"{result.opset}, {result.onnx_nodes.get('Conv', 0)} Conv nodes) in "
-            f"{result.seconds:.2f} s; ONNX Runtime agrees (max_rel {worst.max_rel:.3g})"
-        )
 
 
 def _check_plot(plot: Path | None) -> None:
@@ -167,15 +143,23 @@ def _check_plot(plot: Path | None) -> None:
         from acnet_convert.quantplot import require_plot_extra
 
         require_plot_extra()
-        if not plot.parent.is_dir():
-            raise UsageError(f"--plot {plot}: the folder '{plot.parent}' does not exist")
+        _require_folder("--plot", plot)
 
 
-def _run_export(checkpoint: Path, output: Path, options: ExportOptions, quiet: bool) -> Any:
+def _run_export(
+    checkpoint: Path, output: Path, options: ExportOptions, quiet: bool
+) -> ExportResult:
     from acnet_convert.export import export_onnx
 
-    err = _stderr()
-    if quiet or not err.is_terminal:
+    with _status(f"exporting {checkpoint.name} to {output.name}...", quiet=quiet):
         return export_onnx(checkpoint, output, options)
-    with err.status(f"exporting {checkpoint.name} to {output.name}..."):
-        return export_onnx(checkpoint, output, options)
+
+
+def _exported_line(result: ExportResult) -> str:
+    """The one line a passing export ends with: the file, its size and nodes, the agreement."""
+    worst = max(result.cases, key=lambda c: c.max_rel)
+    return (
+        f"exported {_escape(result.output)} ({result.onnx_bytes:,} bytes, opset "
+        f"{result.opset}, {result.onnx_nodes.get('Conv', 0)} Conv nodes) in "
+        f"{result.seconds:.2f} s; ONNX Runtime agrees (max_rel {worst.max_rel:.3g})"
+    )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from acnet_convert.cli.app import _EXIT_HELP, _emit_json, _stderr, _stdout, cli
+from acnet_convert.cli.app import _EXIT_HELP, _emit_json, _stdout, cli
 from acnet_convert.cli.fuse import _fuse_options
 from acnet_convert.cli.options import (
     eps_option,
@@ -18,7 +18,7 @@ from acnet_convert.cli.options import (
     rename_option,
     trust_option,
 )
-from acnet_convert.cli.render import _escape
+from acnet_convert.cli.render import _write_plot
 
 __all__ = ["inspect"]
 
@@ -101,7 +101,4 @@ def inspect(
     if result.problem is not None:
         raise result.problem
     if quant is not None and plot is not None:
-        from acnet_convert.quantplot import plot_quant_report
-
-        plot_quant_report(quant, plot)
-        _stderr().print(f"wrote {_escape(str(plot))}")
+        _write_plot(quant, plot, quiet=False)

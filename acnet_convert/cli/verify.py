@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -11,7 +13,10 @@ from acnet_convert.choices import COMPUTE_DTYPES, VERIFY_LAYOUTS
 from acnet_convert.cli.app import (
     _EXIT_HELP,
     _load_patterns,
+    _parse_network,
     _parse_renames,
+    _require_folder,
+    _status,
     _stderr,
     _write_text,
     cli,
@@ -38,7 +43,7 @@ from acnet_convert.errors import (
 )
 
 if TYPE_CHECKING:
-    pass
+    from acnet_convert.verify import VerifyOptions, VerifyResult
 
 __all__ = ["archs", "verify"]
 
@@ -109,29 +114,16 @@ __all__ = ["archs", "verify"]
 @json_option
 def verify(
     paths: tuple[Path, ...],
-    arch: str | None,
-    model: str | None,
     model_arg: tuple[str, ...],
+    input_shape: str | None,
     blocks_only: bool,
     list_archs: bool,
-    layout: str,
-    dialect: str | None,
     patterns: Path | None,
     rename: tuple[str, ...],
-    eps: float | None,
-    seed: int,
-    batch: int,
-    input_shape: str | None,
-    input_path: Path | None,
-    device: str,
-    dtype: str,
-    rtol: float | None,
-    atol: float,
     junit: Path | None,
-    allow_extra: bool,
     quiet: bool,
-    trust_pickle: bool,
     as_json: bool,
+    **fields: Any,
 ) -> None:
     """Check that FUSED computes the same function as TRAIN: verify TRAIN FUSED.
 
@@ -152,68 +144,64 @@ def verify(
     from acnet_convert.extras import require_torch
 
     require_torch("verify")
-    from acnet_convert.verify import (
-        VerifyOptions,
-        junit_error_xml,
-        junit_xml,
-        parse_input_shape,
-        parse_model_args,
-        raise_for_result,
-        verify_checkpoints,
-    )
+    from acnet_convert.verify import VerifyOptions, junit_xml, raise_for_result
 
     train, fused = paths
-    if junit is not None and not junit.parent.is_dir():
-        raise UsageError(f"--junit {junit}: the folder '{junit.parent}' does not exist")
-    err = _stderr()
-    try:
+    _require_folder("--junit", junit)
+    with _junit_on_error(junit, train, fused):
+        model_args, shape = _parse_network(model_arg, input_shape)
+        # The options named as VerifyOptions' fields (--arch, --seed, --device...) pass as given.
         options = VerifyOptions(
-            arch=arch,
-            model=model,
-            model_args=parse_model_args(model_arg),
+            **fields,
+            model_args=model_args,
+            input_shape=shape,
             blocks=blocks_only,
-            layout=layout,
-            dialect=dialect,
-            eps=eps,
-            seed=seed,
-            batch=batch,
-            input_shape=parse_input_shape(input_shape) if input_shape is not None else None,
-            input_path=input_path,
-            device=device,
-            dtype=dtype,
-            rtol=rtol,
-            atol=atol,
-            trust_pickle=trust_pickle,
-            allow_extra=allow_extra,
             extra_dialects=_load_patterns(patterns),
             renames=_parse_renames(rename),
         )
-        try:
-            if quiet or not err.is_terminal:
-                result = verify_checkpoints(train, fused, options)
-            else:
-                with err.status(f"verifying {fused.name} against {train.name}..."):
-                    result = verify_checkpoints(train, fused, options)
-        except UnfusableBlockError as error:
-            _raise_if_swapped(train, fused, trust_pickle, error)
-            raise
-    except ACNetConvertError as error:
-        if junit is not None:
-            _write_text(junit, junit_error_xml(str(train), str(fused), str(error)))
-        raise
+        result = _run_verify(train, fused, options, quiet)
     if junit is not None:
         _write_text(junit, junit_xml(result))
     _show_result(result, _render_verify, quiet=quiet, as_json=as_json)
     if result.passed and not quiet:
-        checks = result.checks()
-        numeric = [c for c in (*result.cases, *result.block_checks) if c.max_rel == c.max_rel]
-        worst = max(numeric, key=lambda c: c.max_rel, default=None)
-        figure = f", max_rel {worst.max_rel:.3g}" if worst is not None else ""
-        err.print(
-            f"verified: {_escape(str(fused))} computes what {_escape(str(train))} computes "
-            f"({len(checks)} check(s){figure}; rtol {result.rtol:g}, atol {result.atol:g})"
-        )
+        _stderr().print(_verified_line(result, train, fused))
     raise_for_result(result)
+
+
+@contextlib.contextmanager
+def _junit_on_error(junit: Path | None, train: Path, fused: Path) -> Iterator[None]:
+    """With --junit, a user error still leaves a JUnit file (one errored case) for CI."""
+    try:
+        yield
+    except ACNetConvertError as error:
+        if junit is not None:
+            from acnet_convert.verify import junit_error_xml
+
+            _write_text(junit, junit_error_xml(str(train), str(fused), str(error)))
+        raise
+
+
+def _run_verify(train: Path, fused: Path, options: VerifyOptions, quiet: bool) -> VerifyResult:
+    from acnet_convert.verify import verify_checkpoints
+
+    try:
+        with _status(f"verifying {fused.name} against {train.name}...", quiet=quiet):
+            return verify_checkpoints(train, fused, options)
+    except UnfusableBlockError as error:
+        _raise_if_swapped(train, fused, options.trust_pickle, error)
+        raise
+
+
+def _verified_line(result: VerifyResult, train: Path, fused: Path) -> str:
+    """The one line a passing verify ends with: what was checked, and the closest call."""
+    checks = result.checks()
+    numeric = [c for c in (*result.cases, *result.block_checks) if c.max_rel == c.max_rel]
+    worst = max(numeric, key=lambda c: c.max_rel, default=None)
+    figure = f", max_rel {worst.max_rel:.3g}" if worst is not None else ""
+    return (
+        f"verified: {_escape(str(fused))} computes what {_escape(str(train))} computes "
+        f"({len(checks)} check(s){figure}; rtol {result.rtol:g}, atol {result.atol:g})"
+    )
 
 
 def _raise_if_swapped(train: Path, fused: Path, trust_pickle: bool, error: Exception) -> None:
