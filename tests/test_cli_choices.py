@@ -59,6 +59,22 @@ def test_help_shows_the_choices(run_cli: CliRun) -> None:
     assert "--dtype [" + "|".join(choices.COMPUTE_DTYPES) + "]" in verify
 
 
+def test_top_level_help_names_every_family_and_format(run_cli: CliRun) -> None:
+    from acnet_convert.families import FAMILIES, family_title
+
+    text = " ".join(run_cli("--help").stdout.split())
+    for family in FAMILIES:
+        assert family_title(family) in text, f"--help does not name {family_title(family)}"
+    for extension in (".pth", ".hdf5", ".safetensors", ".pdparams"):
+        assert extension in text
+
+
+def test_inspect_of_a_fused_checkpoint_names_no_single_family(run_cli: CliRun) -> None:
+    fused = Path(__file__).resolve().parent.parent / "fixtures/expected/grouped.fused.safetensors"
+    shown = run_cli("inspect", fused).stdout
+    assert "no training-time blocks found: the checkpoint looks fused or plain already" in shown
+
+
 _HEAVY = ("torch", "numpy", "h5py", "onnx", "onnxruntime", "safetensors")
 
 

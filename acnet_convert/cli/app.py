@@ -72,7 +72,10 @@ def _status(message: str, *, quiet: bool) -> Iterator[Any]:
 )
 @click.version_option(__version__, prog_name="acnet-convert")
 def cli() -> None:
-    """Fuse trained ACNet checkpoints into plain-conv checkpoints, and prove they agree.
+    """Fuse re-parameterizable CNN checkpoints into plain-conv checkpoints, and prove they agree.
+
+    Block families: ACNet, DiverseBranchBlock (DBB), RepVGG, RepConv (YOLOv7),
+    MobileOne, timm ByobNet and RepLKNet, found by their tensor names.
 
     \b
     acnet-convert fuse TRAIN OUT      training checkpoint -> deployable checkpoint
@@ -81,7 +84,7 @@ def cli() -> None:
     acnet-convert export CKPT OUT.onnx --arch NAME   deployed net as ONNX, checked
 
     Formats: .pth/.pt (torch), .hdf5/.h5 (upstream ACNet, Keras), .safetensors,
-    detected from the file's content.
+    .pdparams (Paddle), detected from the file's content.
     """
 
 

@@ -97,7 +97,10 @@ class _FuseRun:
     type=click.Choice(FORMATS),
     help="Output format (default: from OUT's extension; with --out-dir: the input's).",
 )
-@eps_option("BatchNorm epsilon. [default: 1e-5, upstream ACNet's; 1e-3 for Keras files]")
+@eps_option(
+    "BatchNorm epsilon. [default: what the file declares, else the family's: 1e-5; "
+    "1e-3 for Keras files and RepConv (YOLOv7)]"
+)
 @click.option("--no-check", is_flag=True, help="Skip the numerical check of every fused block.")
 @force_option
 @layout_option(
@@ -162,8 +165,9 @@ def fuse(
 ) -> None:
     """Fuse a training checkpoint: fuse CKPT OUT, or fuse CKPT... --out-dir DIR.
 
-    Every block (square + 1xk + kx1 conv, each with BatchNorm) becomes one
-    conv with a bias; every other tensor is copied bit for bit, in order.
+    Every training-time block (parallel conv branches with BatchNorm, such as
+    ACNet's kxk + 1xk + kx1 or RepVGG's 3x3 + 1x1 + identity) becomes one conv
+    with a bias; every other tensor is copied bit for bit, in order.
     Before writing, each fused block is checked numerically against its
     branches; the output appears only when everything succeeded.
     """

@@ -166,7 +166,9 @@ def render_inspection(result: Inspection, console: Any) -> None:
     plan = result.plan
     if plan is None:
         if result.problem is None:
-            console.print("no ACNet blocks found: the checkpoint looks fused or plain already")
+            console.print(
+                "no training-time blocks found: the checkpoint looks fused or plain already"
+            )
         console.print(f"total: {params:,} parameters, {nbytes:,} bytes")
         return
     blocks = Table(
