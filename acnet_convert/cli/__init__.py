@@ -5,7 +5,8 @@ go to stderr. :func:`~acnet_convert.cli.main.main` is the one place that turns
 exceptions into exit codes: 0 success, 1 verification mismatch, 2 usage error,
 3 unusable input.
 
-``app`` holds the click group and the options commands share; ``fuse``
+``app`` holds the click group and what commands share (consoles, JSON,
+parsing), ``options`` the options several commands take; ``fuse``
 (with batches), ``inspect`` (with --stats), ``verify`` (with ``archs``),
 ``export`` and ``patterns`` one command group each; ``render`` and
 ``exportview`` everything that draws for people, and the one

@@ -1,11 +1,12 @@
-"""The click group and what every command shares: consoles, --json, common options, parsing."""
+"""The click group and what every command shares: consoles, JSON output, parsing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
@@ -18,9 +19,6 @@ __all__ = ["EXIT_INTERNAL", "cli"]
 
 
 EXIT_INTERNAL = 70
-
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 _EXIT_HELP = """
@@ -54,40 +52,18 @@ def _emit_json(data: Any) -> None:
     _json_printed.append(True)
 
 
-def _json_option(fn: F) -> F:
-    return click.option(
-        "--json", "as_json", is_flag=True, help="Print a machine-readable JSON report on stdout."
-    )(fn)
+@contextlib.contextmanager
+def _status(message: str, *, quiet: bool) -> Iterator[Any]:
+    """A spinner on stderr while the block runs, yielded (``.update(text)``), or None.
 
-
-_LAYOUT_CHOICE = click.Choice(["deploy", "baseline", "baseline-bias"])
-
-
-def _naming_options(fn: F) -> F:
-    """--dialect and --patterns, which fuse and inspect share."""
-    fn = click.option(
-        "--patterns",
-        type=click.Path(path_type=Path),
-        default=None,
-        help="TOML file defining extra naming dialects (see README).",
-    )(fn)
-    return click.option(
-        "--family",
-        "--dialect",
-        "dialect",
-        default=None,
-        help="Force a block family (acnet, dbb, repvgg, repconv, mobileone, timm, replknet) "
-        "or one naming dialect instead of detecting it (see 'inspect').",
-    )(fn)
-
-
-def _trust_option(fn: F) -> F:
-    return click.option(
-        "--trust-pickle",
-        is_flag=True,
-        help="Load .pth files with full pickle, which can run code stored in the file. "
-        "Only for files you trust; see SECURITY.md.",
-    )(fn)
+    None when ``quiet`` or when stderr is not a terminal (a log, CI): no spinner there.
+    """
+    err = _stderr()
+    if quiet or not err.is_terminal:
+        yield None
+        return
+    with err.status(message) as status:
+        yield status
 
 
 @click.group(
@@ -96,7 +72,10 @@ def _trust_option(fn: F) -> F:
 )
 @click.version_option(__version__, prog_name="acnet-convert")
 def cli() -> None:
-    """Fuse trained ACNet checkpoints into plain-conv checkpoints, and prove they agree.
+    """Fuse re-parameterizable CNN checkpoints into plain-conv checkpoints, and prove they agree.
+
+    Block families: ACNet, DiverseBranchBlock (DBB), RepVGG, RepConv (YOLOv7),
+    MobileOne, timm ByobNet and RepLKNet, found by their tensor names.
 
     \b
     acnet-convert fuse TRAIN OUT      training checkpoint -> deployable checkpoint
@@ -105,7 +84,7 @@ def cli() -> None:
     acnet-convert export CKPT OUT.onnx --arch NAME   deployed net as ONNX, checked
 
     Formats: .pth/.pt (torch), .hdf5/.h5 (upstream ACNet, Keras), .safetensors,
-    detected from the file's content.
+    .pdparams (Paddle), detected from the file's content.
     """
 
 
@@ -123,6 +102,22 @@ def _parse_renames(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
             raise UsageError(f"--rename '{value}': bad regular expression: {err}") from err
         rules.append((pattern, replacement))
     return tuple(rules)
+
+
+def _parse_network(
+    model_arg: Sequence[str], input_shape: str | None
+) -> tuple[tuple[tuple[str, Any], ...], tuple[int, ...] | None]:
+    """--model-arg and --input-shape (verify, export): the factory's keywords, the (C, H, W)."""
+    from acnet_convert.verify import parse_input_shape, parse_model_args
+
+    model_args = parse_model_args(model_arg)
+    return model_args, parse_input_shape(input_shape) if input_shape is not None else None
+
+
+def _require_folder(option: str, path: Path | None) -> None:
+    """Refuse an output option (--junit, --plot) whose folder does not exist, before any work."""
+    if path is not None and not path.parent.is_dir():
+        raise UsageError(f"{option} {path}: the folder '{path.parent}' does not exist")
 
 
 def _load_patterns(path: Path | None) -> tuple[Any, ...]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,46 +12,44 @@ import click
 from acnet_convert.cli.app import (
     _EXIT_HELP,
     _emit_json,
-    _json_option,
+    _parse_network,
+    _require_folder,
+    _status,
     _stderr,
-    _trust_option,
     cli,
 )
-from acnet_convert.cli.render import _escape, _show_result
-from acnet_convert.errors import (
-    ACNetConvertError,
-    UsageError,
+from acnet_convert.cli.options import (
+    batch_option,
+    eps_option,
+    force_option,
+    input_shape_option,
+    json_option,
+    loss_threshold_option,
+    network_options,
+    plot_option,
+    quiet_option,
+    seed_option,
+    tolerance_options,
+    trust_option,
 )
+from acnet_convert.cli.render import _escape, _show_result, _write_plot
+from acnet_convert.errors import ACNetConvertError, VerificationError
 
 __all__ = ["export"]
 
 if TYPE_CHECKING:
-    from acnet_convert.export import ExportOptions
+    from acnet_convert.export import ExportOptions, ExportResult
 
 
 @cli.command(epilog=_EXIT_HELP)
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--arch", default=None, metavar="NAME", help="Built-in architecture (see 'archs').")
-@click.option(
-    "--model",
-    default=None,
-    metavar="FILE.py:FACTORY",
-    help="Your own factory (FILE.py:FACTORY or package.module:FACTORY) building the "
+@network_options(
+    arch_help="Built-in architecture (see 'archs').",
+    model_help="Your own factory (FILE.py:FACTORY or package.module:FACTORY) building the "
     "training-time net; its deployed form is factory(deploy=True) where it takes 'deploy'.",
 )
-@click.option(
-    "--model-arg",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Keyword argument for --model's factory (repeatable; values read as Python literals).",
-)
-@click.option(
-    "--input-shape",
-    default=None,
-    metavar="C,H,W",
-    help="Shape of one input. [default: the architecture's]",
-)
+@input_shape_option("Shape of one input. [default: the architecture's]")
 @click.option(
     "--opset",
     type=int,
@@ -57,66 +57,32 @@ if TYPE_CHECKING:
     help="ONNX opset, 14 or newer. [default: the exporter's, 20 with torch 2.13]",
 )
 @click.option("--dynamic-batch", is_flag=True, help="Make the batch axis symbolic.")
-@click.option(
-    "--batch",
-    type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
-    help="Seeded inputs per check (with --dynamic-batch, also batch+1).",
+@batch_option(2, "Seeded inputs per check (with --dynamic-batch, also batch+1).")
+@seed_option("Seed of the test batch.")
+@tolerance_options(
+    "verify's: 1e-5 in float32; against the training net, 1e-2 for float16 and 5e-2 "
+    "for bfloat16 checkpoints"
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the test batch.")
-@click.option(
-    "--rtol",
-    type=float,
-    default=None,
-    help="Pass when max_abs <= atol + rtol * max|reference|. [default: verify's: 1e-5 in "
-    "float32; against the training net, 1e-2 for float16 and 5e-2 for bfloat16 checkpoints]",
-)
-@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance.")
-@click.option(
-    "--eps", type=float, default=None, help="BatchNorm epsilon for fusing. [default: as fuse]"
-)
+@eps_option("BatchNorm epsilon for fusing. [default: as fuse]")
 @click.option("--dialect", default=None, help="Force CKPT's naming dialect (see 'inspect').")
-@click.option(
-    "--loss-threshold",
-    type=float,
-    default=20.0,
-    show_default=True,
-    metavar="DB",
-    help="Flag a conv when per-tensor int8 costs its worst channel more than this many dB.",
+@loss_threshold_option(
+    "Flag a conv when per-tensor int8 costs its worst channel more than this many dB."
 )
-@click.option(
-    "--plot",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    metavar="FILE.png",
-    help="Draw the graph's int8 figures per layer (needs pip install 'acnet-convert[plot]').",
-)
-@click.option("--force", "-f", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--quiet", "-q", is_flag=True, help="No notes or summary on stderr.")
-@_trust_option
-@_json_option
+@plot_option("Draw the graph's int8 figures per layer (needs pip install 'acnet-convert[plot]').")
+@force_option
+@quiet_option("No notes or summary on stderr.")
+@trust_option
+@json_option
 def export(
     checkpoint: Path,
     output: Path,
-    arch: str | None,
-    model: str | None,
     model_arg: tuple[str, ...],
     input_shape: str | None,
-    opset: int | None,
-    dynamic_batch: bool,
-    batch: int,
-    seed: int,
-    rtol: float | None,
-    atol: float,
-    eps: float | None,
-    dialect: str | None,
     loss_threshold: float,
     plot: Path | None,
-    force: bool,
     quiet: bool,
-    trust_pickle: bool,
     as_json: bool,
+    **fields: Any,
 ) -> None:
     """Export the deployed net as one ONNX file and prove it: export CKPT OUT.onnx --arch NAME.
 
@@ -128,29 +94,32 @@ def export(
     checkpoint, the training-time net. OUT appears only when they agree (exit 1 otherwise).
     Needs the export extra: pip install 'acnet-convert[export]'.
     """
-    try:
+    with _json_on_error(checkpoint, output, as_json):
         from acnet_convert.export import ExportOptions
-        from acnet_convert.verify import parse_input_shape, parse_model_args
 
         _check_plot(plot)
+        model_args, shape = _parse_network(model_arg, input_shape)
+        # The options named as ExportOptions' fields (--arch, --opset, --force...) pass as given.
         options = ExportOptions(
-            arch=arch,
-            model=model,
-            model_args=parse_model_args(model_arg),
-            input_shape=parse_input_shape(input_shape) if input_shape is not None else None,
-            opset=opset,
-            dynamic_batch=dynamic_batch,
-            batch=batch,
-            seed=seed,
-            rtol=rtol,
-            atol=atol,
-            eps=eps,
-            dialect=dialect,
-            trust_pickle=trust_pickle,
-            force=force,
-            loss_threshold_db=loss_threshold,
+            **fields, model_args=model_args, input_shape=shape, loss_threshold_db=loss_threshold
         )
         result = _run_export(checkpoint, output, options, quiet)
+    from acnet_convert.cli.exportview import render_export
+
+    _show_result(result, render_export, quiet=quiet, as_json=as_json)
+    if not result.passed:
+        raise VerificationError(result.failure_message())
+    if plot is not None:
+        _write_plot(result.quant, plot, quiet=quiet)
+    if not quiet:
+        _stderr().print(_exported_line(result))
+
+
+@contextlib.contextmanager
+def _json_on_error(checkpoint: Path, output: Path, as_json: bool) -> Iterator[None]:
+    """With --json, a user error before the result still prints export's JSON document."""
+    try:
+        yield
     except ACNetConvertError as error:
         if as_json:
             _emit_json(
@@ -166,27 +135,6 @@ def export(
                 }
             )
         raise
-    from acnet_convert.cli.exportview import render_export
-
-    err = _stderr()
-    _show_result(result, render_export, quiet=quiet, as_json=as_json)
-    if not result.passed:
-        from acnet_convert.errors import VerificationError
-
-        raise VerificationError(result.failure_message())
-    if plot is not None:
-        from acnet_convert.quantplot import plot_quant_report
-
-        plot_quant_report(result.quant, plot)
-        if not quiet:
-            err.print(f"wrote {_escape(str(plot))}")
-    if not quiet:
-        worst = max(result.cases, key=lambda c: c.max_rel)
-        err.print(
-            f"exported {_escape(result.output)} ({result.onnx_bytes:,} bytes, opset "
-            f"{result.opset}, {result.onnx_nodes.get('Conv', 0)} Conv nodes) in "
-            f"{result.seconds:.2f} s; ONNX Runtime agrees (max_rel {worst.max_rel:.3g})"
-        )
 
 
 def _check_plot(plot: Path | None) -> None:
@@ -195,15 +143,23 @@ def _check_plot(plot: Path | None) -> None:
         from acnet_convert.quantplot import require_plot_extra
 
         require_plot_extra()
-        if not plot.parent.is_dir():
-            raise UsageError(f"--plot {plot}: the folder '{plot.parent}' does not exist")
+        _require_folder("--plot", plot)
 
 
-def _run_export(checkpoint: Path, output: Path, options: ExportOptions, quiet: bool) -> Any:
+def _run_export(
+    checkpoint: Path, output: Path, options: ExportOptions, quiet: bool
+) -> ExportResult:
     from acnet_convert.export import export_onnx
 
-    err = _stderr()
-    if quiet or not err.is_terminal:
+    with _status(f"exporting {checkpoint.name} to {output.name}...", quiet=quiet):
         return export_onnx(checkpoint, output, options)
-    with err.status(f"exporting {checkpoint.name} to {output.name}..."):
-        return export_onnx(checkpoint, output, options)
+
+
+def _exported_line(result: ExportResult) -> str:
+    """The one line a passing export ends with: the file, its size and nodes, the agreement."""
+    worst = max(result.cases, key=lambda c: c.max_rel)
+    return (
+        f"exported {_escape(result.output)} ({result.onnx_bytes:,} bytes, opset "
+        f"{result.opset}, {result.onnx_nodes.get('Conv', 0)} Conv nodes) in "
+        f"{result.seconds:.2f} s; ONNX Runtime agrees (max_rel {worst.max_rel:.3g})"
+    )

@@ -3,30 +3,44 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from acnet_convert.choices import FORMATS
 from acnet_convert.cli.app import (
     _EXIT_HELP,
-    _LAYOUT_CHOICE,
     _emit_json,
-    _json_option,
     _load_patterns,
-    _naming_options,
     _parse_renames,
+    _status,
     _stderr,
     _stdout,
-    _trust_option,
     cli,
 )
 from acnet_convert.cli.main import _fail
-from acnet_convert.cli.render import _details, _escape, _summary
+from acnet_convert.cli.options import (
+    eps_option,
+    force_option,
+    json_option,
+    layout_option,
+    naming_options,
+    quiet_option,
+    rename_option,
+    trust_option,
+)
+from acnet_convert.cli.render import _details, _escape, _print_notes, _summary
 from acnet_convert.errors import (
     UsageError,
 )
+
+if TYPE_CHECKING:
+    from acnet_convert.batch import BatchInterrupted, BatchItem
+    from acnet_convert.convert import FuseReport, ProgressCallback
+    from acnet_convert.plan import FuseOptions
 
 __all__ = ["fuse"]
 
@@ -42,7 +56,7 @@ def _fuse_options(
     *,
     fold_bn: bool | None = None,
     allow_unfused: bool = False,
-) -> Any:
+) -> FuseOptions:
     from acnet_convert.plan import FuseOptions
 
     return FuseOptions(
@@ -58,37 +72,43 @@ def _fuse_options(
     )
 
 
+@dataclass(frozen=True)
+class _FuseRun:
+    """What fuse was told besides how to fuse (``options``): how to write and what to show.
+
+    ``dry_run`` applies to one CKPT OUT pair only; a batch (--out-dir) always writes.
+    """
+
+    options: FuseOptions
+    to_format: str | None
+    force: bool
+    dry_run: bool
+    jobs: int
+    quiet: bool
+    verbose: bool
+    as_json: bool
+
+
 @cli.command(epilog=_EXIT_HELP)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--to",
     "to_format",
-    type=click.Choice(["pth", "hdf5", "safetensors", "pdparams"]),
+    type=click.Choice(FORMATS),
     help="Output format (default: from OUT's extension; with --out-dir: the input's).",
 )
-@click.option(
-    "--eps",
-    type=float,
-    default=None,
-    help="BatchNorm epsilon. [default: 1e-5, upstream ACNet's; 1e-3 for Keras files]",
+@eps_option(
+    "BatchNorm epsilon. [default: what the file declares, else the family's: 1e-5; "
+    "1e-3 for Keras files and RepConv (YOLOv7)]"
 )
 @click.option("--no-check", is_flag=True, help="Skip the numerical check of every fused block.")
-@click.option("--force", "-f", is_flag=True, help="Replace OUT if it exists.")
-@click.option(
-    "--layout",
-    type=_LAYOUT_CHOICE,
-    default="deploy",
-    show_default=True,
-    help="deploy: <p>.fused_conv.{weight,bias}; baseline: <u>.conv.weight + identity <u>.bn.*; "
-    "baseline-bias: <u>.conv.{weight,bias}.",
+@force_option
+@layout_option(
+    "deploy: <p>.fused_conv.{weight,bias}; baseline: <u>.conv.weight + identity <u>.bn.*; "
+    "baseline-bias: <u>.conv.{weight,bias}."
 )
-@_naming_options
-@click.option(
-    "--rename",
-    multiple=True,
-    metavar="REGEX=REPLACEMENT",
-    help="Rename output keys (repeatable, applied in order).",
-)
+@naming_options()
+@rename_option("Rename output keys (repeatable, applied in order).")
 @click.option("--dry-run", is_flag=True, help="Show what would be written, write nothing.")
 @click.option(
     "--fold-bn/--no-fold-bn",
@@ -117,12 +137,12 @@ def _fuse_options(
     show_default=True,
     help="Worker processes with --out-dir.",
 )
-@click.option("--quiet", "-q", is_flag=True, help="No progress or summary on stderr.")
+@quiet_option("No progress or summary on stderr.")
 @click.option(
     "--verbose", "-v", is_flag=True, help="Also the dialect and each block's figures on stderr."
 )
-@_trust_option
-@_json_option
+@trust_option
+@json_option
 def fuse(
     paths: tuple[Path, ...],
     to_format: str | None,
@@ -145,187 +165,179 @@ def fuse(
 ) -> None:
     """Fuse a training checkpoint: fuse CKPT OUT, or fuse CKPT... --out-dir DIR.
 
-    Every block (square + 1xk + kx1 conv, each with BatchNorm) becomes one
-    conv with a bias; every other tensor is copied bit for bit, in order.
+    Every training-time block (parallel conv branches with BatchNorm, such as
+    ACNet's kxk + 1xk + kx1 or RepVGG's 3x3 + 1x1 + identity) becomes one conv
+    with a bias; every other tensor is copied bit for bit, in order.
     Before writing, each fused block is checked numerically against its
     branches; the output appears only when everything succeeded.
     """
-    options = _fuse_options(
-        eps,
-        no_check,
-        layout,
-        dialect,
-        patterns,
-        rename,
-        trust_pickle,
-        fold_bn=fold_bn,
-        allow_unfused=allow_unfused,
+    run = _FuseRun(
+        options=_fuse_options(
+            eps,
+            no_check,
+            layout,
+            dialect,
+            patterns,
+            rename,
+            trust_pickle,
+            fold_bn=fold_bn,
+            allow_unfused=allow_unfused,
+        ),
+        to_format=to_format,
+        force=force,
+        dry_run=dry_run,
+        jobs=jobs,
+        quiet=quiet,
+        verbose=verbose,
+        as_json=as_json,
     )
     if out_dir is not None:
-        sys.exit(_fuse_batch(paths, out_dir, to_format, options, force, jobs, quiet, as_json))
+        sys.exit(_fuse_batch(paths, out_dir, run))
     if len(paths) != 2:
         raise UsageError("fuse takes CKPT OUT (or several CKPTs with --out-dir DIR)")
     source, output = paths
+    _fuse_pair(source, output, run)
+
+
+def _fuse_pair(source: Path, output: Path, run: _FuseRun) -> None:
+    """CKPT OUT: the folders made for OUT are removed again if anything fails."""
     from acnet_convert.checkpoint import format_for_path
     from acnet_convert.outputs import prepare_output, remove_created
 
-    created = [] if dry_run else prepare_output(source, output, force=force)
+    created = [] if run.dry_run else prepare_output(source, output, force=run.force)
     try:
-        _fuse_one_file(
-            source,
-            output,
-            format_for_path(output, to_format),
-            options,
-            force,
-            dry_run,
-            quiet,
-            as_json,
-            verbose,
-        )
+        _fuse_one_file(source, output, format_for_path(output, run.to_format), run)
     except BaseException:
         remove_created(created)
         raise
 
 
-def _fuse_one_file(
-    source: Path,
-    output: Path,
-    fmt: str,
-    options: Any,
-    force: bool,
-    dry_run: bool,
-    quiet: bool,
-    as_json: bool,
-    verbose: bool = False,
-) -> None:
-    if dry_run:
-        _dry_run(source, output, fmt, options, as_json)
+def _fuse_one_file(source: Path, output: Path, fmt: str, run: _FuseRun) -> None:
+    if run.dry_run:
+        _dry_run(source, output, fmt, run.options, run.as_json)
         return
     from acnet_convert.convert import fuse_checkpoint
 
-    err = _stderr()
-    if quiet or not err.is_terminal:
-        report = fuse_checkpoint(source, output, fmt, options, force=force)
-    else:
-        with err.status("fusing...") as status:
+    with _status("fusing...", quiet=run.quiet) as status:
+        progress = None if status is None else _progress(status, source, output)
+        report = fuse_checkpoint(
+            source, output, fmt, run.options, force=run.force, progress=progress
+        )
+    _report_fused(report, run)
 
-            def progress(stage: str, done: int, total: int) -> None:
-                status.update(
-                    f"{stage} {source.name}: {done}/{total}"
-                    if stage == "fusing"
-                    else f"{stage} {output.name}"
-                )
 
-            report = fuse_checkpoint(source, output, fmt, options, force=force, progress=progress)
-    if not quiet:
-        for note in report.notes:
-            err.print(f"note: {_escape(note)}")
-        if verbose:
+def _progress(status: Any, source: Path, output: Path) -> ProgressCallback:
+    def progress(stage: str, done: int, total: int) -> None:
+        status.update(
+            f"{stage} {source.name}: {done}/{total}"
+            if stage == "fusing"
+            else f"{stage} {output.name}"
+        )
+
+    return progress
+
+
+def _report_fused(report: FuseReport, run: _FuseRun) -> None:
+    if not run.quiet:
+        err = _stderr()
+        _print_notes(err, report.notes)
+        if run.verbose:
             for line in _details(report):
                 err.print(_escape(line))
         err.print(_escape(_summary(report)))
-    if as_json:
+    if run.as_json:
         _emit_json(report.as_json())
 
 
-def _fuse_batch(
-    paths: Sequence[Path],
-    out_dir: Path,
-    to_format: str | None,
-    options: Any,
-    force: bool,
-    jobs: int,
-    quiet: bool,
-    as_json: bool,
-) -> int:
+def _fuse_batch(paths: Sequence[Path], out_dir: Path, run: _FuseRun) -> int:
     from acnet_convert.batch import BatchInterrupted, expand_inputs
 
     sources = expand_inputs(paths)
     try:
-        return _fuse_batch_items(sources, out_dir, to_format, options, force, jobs, quiet, as_json)
+        items = _fuse_batch_items(sources, out_dir, run)
     except BatchInterrupted as stop:
-        done = ", ".join(i.output for i in stop.completed) or "none"
-        rest = ", ".join(str(p) for p in stop.not_completed) or "none"
-        message = (
-            f"interrupted: {len(stop.completed)} of {len(sources)} outputs were completed and "
-            f"are valid ({done}); not written: {rest}"
+        _batch_interrupted(stop, len(sources), out_dir, run.as_json)
+    if not run.quiet:
+        failed = sum(1 for i in items if i.exit_code != 0)
+        _stderr().print(f"{len(items) - failed} of {len(items)} checkpoints fused into {out_dir}")
+    if run.as_json:
+        _emit_json(
+            {"schema": 1, "out_dir": str(out_dir), "results": [_item_json(i) for i in items]}
         )
-        if as_json:
-            _emit_json(
-                {
-                    "schema": 1,
-                    "ok": False,
-                    "interrupted": True,
-                    "out_dir": str(out_dir),
-                    "completed": [i.output for i in stop.completed],
-                    "not_completed": [str(p) for p in stop.not_completed],
-                    "error": message,
-                }
-            )
-        _fail(_stderr(), _escape(message), 130)
+    return max((i.exit_code for i in items), default=0)
 
 
-def _fuse_batch_items(
-    sources: Sequence[Path],
-    out_dir: Path,
-    to_format: str | None,
-    options: Any,
-    force: bool,
-    jobs: int,
-    quiet: bool,
-    as_json: bool,
-) -> int:
+def _batch_interrupted(
+    stop: BatchInterrupted, total: int, out_dir: Path, as_json: bool
+) -> NoReturn:
+    done = ", ".join(i.output for i in stop.completed) or "none"
+    rest = ", ".join(str(p) for p in stop.not_completed) or "none"
+    message = (
+        f"interrupted: {len(stop.completed)} of {total} outputs were completed and "
+        f"are valid ({done}); not written: {rest}"
+    )
+    if as_json:
+        _emit_json(
+            {
+                "schema": 1,
+                "ok": False,
+                "interrupted": True,
+                "out_dir": str(out_dir),
+                "completed": [i.output for i in stop.completed],
+                "not_completed": [str(p) for p in stop.not_completed],
+                "error": message,
+            }
+        )
+    _fail(_stderr(), _escape(message), 130)
+
+
+def _fuse_batch_items(sources: Sequence[Path], out_dir: Path, run: _FuseRun) -> list[BatchItem]:
+    """Fuse every source, one line on stderr as each ends, and a progress bar on a terminal."""
     from acnet_convert.batch import fuse_many
 
     err = _stderr()
-    show = not quiet
 
-    def done(item: Any) -> None:
-        if not show:
+    def fuse_all(on_done: Callable[[BatchItem], None]) -> list[BatchItem]:
+        return fuse_many(
+            sources,
+            out_dir,
+            run.to_format,
+            run.options,
+            force=run.force,
+            jobs=run.jobs,
+            on_done=on_done,
+        )
+
+    def done(item: BatchItem) -> None:
+        if run.quiet:
             return
         if item.error:
             err.print(f"[bold red]failed:[/] {_escape(item.error)}")
         else:
             err.print(f"ok: {_escape(item.source)} -> {_escape(item.output)}")
 
-    if show and err.is_terminal and len(sources) > 1:
-        from rich.progress import Progress
+    if run.quiet or not err.is_terminal or len(sources) <= 1:
+        return fuse_all(done)
+    from rich.progress import Progress
 
-        with Progress(console=err, transient=True) as bar:
-            task = bar.add_task("fusing", total=len(sources))
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("fusing", total=len(sources))
 
-            def tick(item: Any) -> None:
-                done(item)
-                bar.advance(task)
+        def tick(item: BatchItem) -> None:
+            done(item)
+            bar.advance(task)
 
-            items = fuse_many(
-                sources, out_dir, to_format, options, force=force, jobs=jobs, on_done=tick
-            )
-    else:
-        items = fuse_many(
-            sources, out_dir, to_format, options, force=force, jobs=jobs, on_done=done
-        )
-    failed = [i for i in items if i.exit_code != 0]
-    if show:
-        err.print(f"{len(items) - len(failed)} of {len(items)} checkpoints fused into {out_dir}")
-    if as_json:
-        _emit_json(
-            {
-                "schema": 1,
-                "out_dir": str(out_dir),
-                "results": [
-                    {
-                        "source": i.source,
-                        "output": i.output,
-                        "exit_code": i.exit_code,
-                        "error": i.error,
-                        "report": i.report,
-                    }
-                    for i in items
-                ],
-            }
-        )
-    return max((i.exit_code for i in items), default=0)
+        return fuse_all(tick)
+
+
+def _item_json(item: BatchItem) -> dict[str, Any]:
+    return {
+        "source": item.source,
+        "output": item.output,
+        "exit_code": item.exit_code,
+        "error": item.error,
+        "report": item.report,
+    }
 
 
 def _dry_run(source: Path, output: Path, fmt: str, options: Any, as_json: bool) -> None:

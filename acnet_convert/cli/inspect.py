@@ -6,49 +6,21 @@ from pathlib import Path
 
 import click
 
-from acnet_convert.cli.app import (
-    _EXIT_HELP,
-    _LAYOUT_CHOICE,
-    F,
-    _emit_json,
-    _json_option,
-    _naming_options,
-    _stderr,
-    _stdout,
-    _trust_option,
-    cli,
-)
+from acnet_convert.cli.app import _EXIT_HELP, _emit_json, _stdout, cli
 from acnet_convert.cli.fuse import _fuse_options
-from acnet_convert.cli.render import _escape
+from acnet_convert.cli.options import (
+    eps_option,
+    json_option,
+    layout_option,
+    loss_threshold_option,
+    naming_options,
+    plot_option,
+    rename_option,
+    trust_option,
+)
+from acnet_convert.cli.render import _write_plot
 
 __all__ = ["inspect"]
-
-
-def _quant_options(fn: F) -> F:
-    """--stats, --plot and --loss-threshold (inspect; export reports the figures itself)."""
-    fn = click.option(
-        "--loss-threshold",
-        type=float,
-        default=20.0,
-        show_default=True,
-        metavar="DB",
-        help="Flag a conv when per-tensor int8 costs its worst output channel more than "
-        "this many dB of SQNR against per-channel scales (6 dB is one bit).",
-    )(fn)
-    fn = click.option(
-        "--plot",
-        type=click.Path(path_type=Path, dir_okay=False),
-        default=None,
-        metavar="FILE.png",
-        help="Draw the int8 figures per layer into a PNG (needs matplotlib: "
-        "pip install 'acnet-convert[plot]'). Implies --stats.",
-    )(fn)
-    return click.option(
-        "--stats",
-        is_flag=True,
-        help="Int8 readiness of every conv: weight range, channel spread, SQNR per tensor "
-        "vs per channel (see README).",
-    )(fn)
 
 
 @cli.command(epilog=_EXIT_HELP)
@@ -60,29 +32,26 @@ def _quant_options(fn: F) -> F:
     metavar="REGEX",
     help="Only list tensors whose name matches.",
 )
-@_naming_options
+@naming_options()
+@eps_option("BatchNorm epsilon assumed for the 'after fusing' figures.")
+@layout_option("Layout assumed for the 'after fusing' figures.")
+@rename_option("Show output names after these renames.")
 @click.option(
-    "--eps",
-    type=float,
-    default=None,
-    help="BatchNorm epsilon assumed for the 'after fusing' figures.",
+    "--stats",
+    is_flag=True,
+    help="Int8 readiness of every conv: weight range, channel spread, SQNR per tensor "
+    "vs per channel (see README).",
 )
-@click.option(
-    "--layout",
-    type=_LAYOUT_CHOICE,
-    default="deploy",
-    show_default=True,
-    help="Layout assumed for the 'after fusing' figures.",
+@plot_option(
+    "Draw the int8 figures per layer into a PNG (needs matplotlib: "
+    "pip install 'acnet-convert[plot]'). Implies --stats."
 )
-@click.option(
-    "--rename",
-    multiple=True,
-    metavar="REGEX=REPLACEMENT",
-    help="Show output names after these renames.",
+@loss_threshold_option(
+    "Flag a conv when per-tensor int8 costs its worst output channel more than "
+    "this many dB of SQNR against per-channel scales (6 dB is one bit)."
 )
-@_quant_options
-@_trust_option
-@_json_option
+@trust_option
+@json_option
 def inspect(
     checkpoint: Path,
     name_filter: str | None,
@@ -132,7 +101,4 @@ def inspect(
     if result.problem is not None:
         raise result.problem
     if quant is not None and plot is not None:
-        from acnet_convert.quantplot import plot_quant_report
-
-        plot_quant_report(quant, plot)
-        _stderr().print(f"wrote {_escape(str(plot))}")
+        _write_plot(quant, plot, quiet=False)

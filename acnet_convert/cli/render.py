@@ -8,8 +8,11 @@ from typing import TYPE_CHECKING, Any
 from acnet_convert.cli.app import _emit_json, _plural, _size, _stderr, _stdout
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from acnet_convert.blocks import BranchGeometry
     from acnet_convert.inspection import Inspection
+    from acnet_convert.quant import QuantReport
 
 __all__ = ["render_inspection"]
 
@@ -147,8 +150,7 @@ def render_inspection(result: Inspection, console: Any) -> None:
     if result.prefix:
         head += f", keys prefixed '{_escape(result.prefix)}'"
     console.print(head)
-    for note in result.notes:
-        console.print(f"note: {_escape(note)}")
+    _print_notes(console, result.notes)
     if result.dropped:
         console.print(f"other entries (dropped on fuse): {_escape(', '.join(result.dropped))}")
     table = Table(title=f"{len(result.listed)} of {len(result.tensors)} tensors")
@@ -164,7 +166,9 @@ def render_inspection(result: Inspection, console: Any) -> None:
     plan = result.plan
     if plan is None:
         if result.problem is None:
-            console.print("no ACNet blocks found: the checkpoint looks fused or plain already")
+            console.print(
+                "no training-time blocks found: the checkpoint looks fused or plain already"
+            )
         console.print(f"total: {params:,} parameters, {nbytes:,} bytes")
         return
     blocks = Table(
@@ -200,10 +204,22 @@ def _show_result(
 ) -> None:
     """A command's notes on stderr (unless quiet), then its JSON or its rendering on stdout."""
     if not quiet:
-        err = _stderr()
-        for note in result.notes:
-            err.print(f"note: {_escape(note)}")
+        _print_notes(_stderr(), result.notes)
     if as_json:
         _emit_json(result.as_json())
     else:
         render(result, _stdout())
+
+
+def _print_notes(console: Any, notes: Sequence[str]) -> None:
+    for note in notes:
+        console.print(f"note: {_escape(note)}")
+
+
+def _write_plot(quant: QuantReport, plot: Path, *, quiet: bool) -> None:
+    """Draw --plot's PNG, and say so on stderr unless quiet."""
+    from acnet_convert.quantplot import plot_quant_report
+
+    plot_quant_report(quant, plot)
+    if not quiet:
+        _stderr().print(f"wrote {_escape(str(plot))}")

@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from acnet_convert.choices import COMPUTE_DTYPES, VERIFY_LAYOUTS
 from acnet_convert.cli.app import (
     _EXIT_HELP,
-    _json_option,
     _load_patterns,
+    _parse_network,
     _parse_renames,
+    _require_folder,
+    _status,
     _stderr,
-    _trust_option,
     _write_text,
     cli,
+)
+from acnet_convert.cli.options import (
+    batch_option,
+    eps_option,
+    input_shape_option,
+    json_option,
+    layout_option,
+    naming_options,
+    network_options,
+    quiet_option,
+    rename_option,
+    seed_option,
+    tolerance_options,
+    trust_option,
 )
 from acnet_convert.cli.render import _escape, _render_archs, _render_verify, _show_result
 from acnet_convert.errors import (
@@ -23,30 +42,19 @@ from acnet_convert.errors import (
     UsageError,
 )
 
+if TYPE_CHECKING:
+    from acnet_convert.verify import VerifyOptions, VerifyResult
+
 __all__ = ["archs", "verify"]
 
 
 @cli.command(epilog=_EXIT_HELP)
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path), metavar="TRAIN FUSED")
-@click.option(
-    "--arch",
-    default=None,
-    metavar="NAME",
-    help="Rebuild both nets as this built-in architecture (see --list-archs). "
+@network_options(
+    arch_help="Rebuild both nets as this built-in architecture (see --list-archs). "
     "[default: the one TRAIN's keys match, else block by block]",
-)
-@click.option(
-    "--model",
-    default=None,
-    metavar="FILE.py:FACTORY",
-    help="Rebuild both nets from your own factory (FILE.py:FACTORY or package.module:FACTORY), "
-    "which builds the training-time net.",
-)
-@click.option(
-    "--model-arg",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Keyword argument for --model's factory (repeatable; values read as Python literals).",
+    model_help="Rebuild both nets from your own factory (FILE.py:FACTORY or "
+    "package.module:FACTORY), which builds the training-time net.",
 )
 @click.option(
     "--blocks",
@@ -55,55 +63,17 @@ __all__ = ["archs", "verify"]
     help="Check block by block even where an architecture matches.",
 )
 @click.option("--list-archs", is_flag=True, help="List the built-in architectures and exit.")
-@click.option(
-    "--layout",
-    type=click.Choice(["auto", "deploy", "baseline", "baseline-bias"]),
-    default="auto",
-    show_default=True,
-    help="FUSED's layout; auto: found from its keys.",
-)
-@click.option(
-    "--family",
-    "--dialect",
-    "dialect",
-    default=None,
-    help="Force TRAIN's block family or naming dialect (see 'inspect'). "
+@layout_option("FUSED's layout; auto: found from its keys.", choices=VERIFY_LAYOUTS, default="auto")
+@naming_options(
+    family_help="Force TRAIN's block family or naming dialect (see 'inspect'). "
     "[default: what FUSED records, else detected]",
+    patterns_help="TOML file defining extra naming dialects, as given to 'fuse'.",
 )
-@click.option(
-    "--patterns",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="TOML file defining extra naming dialects, as given to 'fuse'.",
-)
-@click.option(
-    "--rename",
-    multiple=True,
-    metavar="REGEX=REPLACEMENT",
-    help="The renames given to 'fuse' (repeatable). [default: what FUSED records]",
-)
-@click.option(
-    "--eps",
-    type=float,
-    default=None,
-    help="BatchNorm epsilon. [default: the dialect's in block mode, the nets' own otherwise]",
-)
-@click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of the random input batch."
-)
-@click.option(
-    "--batch",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="Random inputs per check.",
-)
-@click.option(
-    "--input-shape",
-    default=None,
-    metavar="C,H,W",
-    help="Shape of one random input. [default: the architecture's]",
-)
+@rename_option("The renames given to 'fuse' (repeatable). [default: what FUSED records]")
+@eps_option("BatchNorm epsilon. [default: the dialect's in block mode, the nets' own otherwise]")
+@seed_option("Seed of the random input batch.")
+@batch_option(8, "Random inputs per check.")
+@input_shape_option("Shape of one random input. [default: the architecture's]")
 @click.option(
     "--input",
     "input_path",
@@ -119,19 +89,15 @@ __all__ = ["archs", "verify"]
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "float64"]),
+    type=click.Choice(COMPUTE_DTYPES),
     default="float32",
     show_default=True,
     help="Dtype both nets run in.",
 )
-@click.option(
-    "--rtol",
-    type=float,
-    default=None,
-    help="Pass when max_abs <= atol + rtol * max|reference|. [default: 1e-5 in float32, "
-    "1e-10 in float64; 1e-5 where FUSED is stored in float32, 1e-2 float16, 5e-2 bfloat16]",
+@tolerance_options(
+    "1e-5 in float32, 1e-10 in float64; 1e-5 where FUSED is stored in float32, "
+    "1e-2 float16, 5e-2 bfloat16"
 )
-@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance.")
 @click.option(
     "--junit",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -143,34 +109,21 @@ __all__ = ["archs", "verify"]
     is_flag=True,
     help="Pass although FUSED holds tensors that TRAIN does not explain (block mode).",
 )
-@click.option("--quiet", "-q", is_flag=True, help="No notes or summary on stderr.")
-@_trust_option
-@_json_option
+@quiet_option("No notes or summary on stderr.")
+@trust_option
+@json_option
 def verify(
     paths: tuple[Path, ...],
-    arch: str | None,
-    model: str | None,
     model_arg: tuple[str, ...],
+    input_shape: str | None,
     blocks_only: bool,
     list_archs: bool,
-    layout: str,
-    dialect: str | None,
     patterns: Path | None,
     rename: tuple[str, ...],
-    eps: float | None,
-    seed: int,
-    batch: int,
-    input_shape: str | None,
-    input_path: Path | None,
-    device: str,
-    dtype: str,
-    rtol: float | None,
-    atol: float,
     junit: Path | None,
-    allow_extra: bool,
     quiet: bool,
-    trust_pickle: bool,
     as_json: bool,
+    **fields: Any,
 ) -> None:
     """Check that FUSED computes the same function as TRAIN: verify TRAIN FUSED.
 
@@ -191,68 +144,64 @@ def verify(
     from acnet_convert.extras import require_torch
 
     require_torch("verify")
-    from acnet_convert.verify import (
-        VerifyOptions,
-        junit_error_xml,
-        junit_xml,
-        parse_input_shape,
-        parse_model_args,
-        raise_for_result,
-        verify_checkpoints,
-    )
+    from acnet_convert.verify import VerifyOptions, junit_xml, raise_for_result
 
     train, fused = paths
-    if junit is not None and not junit.parent.is_dir():
-        raise UsageError(f"--junit {junit}: the folder '{junit.parent}' does not exist")
-    err = _stderr()
-    try:
+    _require_folder("--junit", junit)
+    with _junit_on_error(junit, train, fused):
+        model_args, shape = _parse_network(model_arg, input_shape)
+        # The options named as VerifyOptions' fields (--arch, --seed, --device...) pass as given.
         options = VerifyOptions(
-            arch=arch,
-            model=model,
-            model_args=parse_model_args(model_arg),
+            **fields,
+            model_args=model_args,
+            input_shape=shape,
             blocks=blocks_only,
-            layout=layout,
-            dialect=dialect,
-            eps=eps,
-            seed=seed,
-            batch=batch,
-            input_shape=parse_input_shape(input_shape) if input_shape is not None else None,
-            input_path=input_path,
-            device=device,
-            dtype=dtype,
-            rtol=rtol,
-            atol=atol,
-            trust_pickle=trust_pickle,
-            allow_extra=allow_extra,
             extra_dialects=_load_patterns(patterns),
             renames=_parse_renames(rename),
         )
-        try:
-            if quiet or not err.is_terminal:
-                result = verify_checkpoints(train, fused, options)
-            else:
-                with err.status(f"verifying {fused.name} against {train.name}..."):
-                    result = verify_checkpoints(train, fused, options)
-        except UnfusableBlockError as error:
-            _raise_if_swapped(train, fused, trust_pickle, error)
-            raise
-    except ACNetConvertError as error:
-        if junit is not None:
-            _write_text(junit, junit_error_xml(str(train), str(fused), str(error)))
-        raise
+        result = _run_verify(train, fused, options, quiet)
     if junit is not None:
         _write_text(junit, junit_xml(result))
     _show_result(result, _render_verify, quiet=quiet, as_json=as_json)
     if result.passed and not quiet:
-        checks = result.checks()
-        numeric = [c for c in (*result.cases, *result.block_checks) if c.max_rel == c.max_rel]
-        worst = max(numeric, key=lambda c: c.max_rel, default=None)
-        figure = f", max_rel {worst.max_rel:.3g}" if worst is not None else ""
-        err.print(
-            f"verified: {_escape(str(fused))} computes what {_escape(str(train))} computes "
-            f"({len(checks)} check(s){figure}; rtol {result.rtol:g}, atol {result.atol:g})"
-        )
+        _stderr().print(_verified_line(result, train, fused))
     raise_for_result(result)
+
+
+@contextlib.contextmanager
+def _junit_on_error(junit: Path | None, train: Path, fused: Path) -> Iterator[None]:
+    """With --junit, a user error still leaves a JUnit file (one errored case) for CI."""
+    try:
+        yield
+    except ACNetConvertError as error:
+        if junit is not None:
+            from acnet_convert.verify import junit_error_xml
+
+            _write_text(junit, junit_error_xml(str(train), str(fused), str(error)))
+        raise
+
+
+def _run_verify(train: Path, fused: Path, options: VerifyOptions, quiet: bool) -> VerifyResult:
+    from acnet_convert.verify import verify_checkpoints
+
+    try:
+        with _status(f"verifying {fused.name} against {train.name}...", quiet=quiet):
+            return verify_checkpoints(train, fused, options)
+    except UnfusableBlockError as error:
+        _raise_if_swapped(train, fused, options.trust_pickle, error)
+        raise
+
+
+def _verified_line(result: VerifyResult, train: Path, fused: Path) -> str:
+    """The one line a passing verify ends with: what was checked, and the closest call."""
+    checks = result.checks()
+    numeric = [c for c in (*result.cases, *result.block_checks) if c.max_rel == c.max_rel]
+    worst = max(numeric, key=lambda c: c.max_rel, default=None)
+    figure = f", max_rel {worst.max_rel:.3g}" if worst is not None else ""
+    return (
+        f"verified: {_escape(str(fused))} computes what {_escape(str(train))} computes "
+        f"({len(checks)} check(s){figure}; rtol {result.rtol:g}, atol {result.atol:g})"
+    )
 
 
 def _raise_if_swapped(train: Path, fused: Path, trust_pickle: bool, error: Exception) -> None:
@@ -272,7 +221,7 @@ def _raise_if_swapped(train: Path, fused: Path, trust_pickle: bool, error: Excep
 
 
 @cli.command(epilog=_EXIT_HELP)
-@_json_option
+@json_option
 def archs(as_json: bool) -> None:
     """List the built-in architectures 'verify --arch' can rebuild."""
     _render_archs(as_json)
