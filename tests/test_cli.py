@@ -130,6 +130,25 @@ def test_dry_run_writes_nothing_and_shows_renames(tmp_path: Path, run_cli) -> No
     assert "nothing written" in human.stdout
 
 
+def test_batch_dry_run_writes_nothing(tmp_path: Path, run_cli) -> None:
+    out_dir = tmp_path / "out"
+    sources = (FIXTURES / "resnet_like.pth", FIXTURES / "cifar_quick.pth")
+    result = run_cli(
+        "fuse", *sources, "--out-dir", out_dir, "--dry-run", "--json", "--to", "safetensors"
+    )
+    document = json.loads(result.stdout)
+    assert document["dry_run"] is True
+    assert [r["output"] for r in document["results"]] == [
+        str(out_dir / "resnet_like.safetensors"),
+        str(out_dir / "cifar_quick.safetensors"),
+    ]
+    assert "stage1.0.conv1.acb.fused_conv.weight" in document["results"][0]["outputs"]
+    assert not out_dir.exists()
+    human = run_cli("fuse", *sources, "--out-dir", out_dir, "--dry-run")
+    assert human.stdout.count("nothing written") == 2
+    assert not out_dir.exists()
+
+
 def test_rename_applies_to_written_keys(tmp_path: Path, run_cli) -> None:
     out = tmp_path / "o.pth"
     run_cli("fuse", FIXTURES / "resnet_like.pth", out, "--rename", r"\.acb\.fused_conv=.fused")

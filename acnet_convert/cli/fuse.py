@@ -76,7 +76,7 @@ def _fuse_options(
 class _FuseRun:
     """What fuse was told besides how to fuse (``options``): how to write and what to show.
 
-    ``dry_run`` applies to one CKPT OUT pair only; a batch (--out-dir) always writes.
+    With ``dry_run`` nothing is written, for one CKPT OUT pair and for a batch.
     """
 
     options: FuseOptions
@@ -191,12 +191,15 @@ def fuse(
         verbose=verbose,
         as_json=as_json,
     )
-    if out_dir is not None:
+    if out_dir is not None and dry_run:
+        _dry_run_batch(paths, out_dir, run)
+    elif out_dir is not None:
         sys.exit(_fuse_batch(paths, out_dir, run))
-    if len(paths) != 2:
+    elif len(paths) != 2:
         raise UsageError("fuse takes CKPT OUT (or several CKPTs with --out-dir DIR)")
-    source, output = paths
-    _fuse_pair(source, output, run)
+    else:
+        source, output = paths
+        _fuse_pair(source, output, run)
 
 
 def _fuse_pair(source: Path, output: Path, run: _FuseRun) -> None:
@@ -340,7 +343,38 @@ def _item_json(item: BatchItem) -> dict[str, Any]:
     }
 
 
+def _dry_run_batch(paths: Sequence[Path], out_dir: Path, run: _FuseRun) -> None:
+    """--out-dir with --dry-run: each input's plan, as a batch would name its output."""
+    from acnet_convert.batch import expand_inputs, output_path
+
+    sources = expand_inputs(paths)
+    if not sources:
+        raise UsageError("no input files given")
+    planned = [(source, *output_path(source, out_dir, run.to_format)) for source in sources]
+    outputs = [str(output) for _, output, _ in planned]
+    if len(set(outputs)) != len(outputs):
+        dup = next(o for o in outputs if outputs.count(o) > 1)
+        raise UsageError(
+            f"two inputs would both be written as '{dup}'; fuse them into separate folders"
+        )
+    documents = [_dry_run_plan(source, output, fmt, run.options) for source, output, fmt in planned]
+    if run.as_json:
+        _emit_json({"schema": 1, "out_dir": str(out_dir), "dry_run": True, "results": documents})
+        return
+    for document in documents:
+        _show_dry_run(document)
+
+
 def _dry_run(source: Path, output: Path, fmt: str, options: Any, as_json: bool) -> None:
+    document = _dry_run_plan(source, output, fmt, options)
+    if as_json:
+        _emit_json(document)
+    else:
+        _show_dry_run(document)
+
+
+def _dry_run_plan(source: Path, output: Path, fmt: str, options: Any) -> dict[str, Any]:
+    """What fusing SOURCE into OUTPUT would write: blocks, renamed copies, output names."""
     from acnet_convert.checkpoint import open_checkpoint
     from acnet_convert.plan import plan_fusion
 
@@ -351,18 +385,19 @@ def _dry_run(source: Path, output: Path, fmt: str, options: Any, as_json: bool) 
             for b in plan.blocks
         ]
         copied = [{"from": src, "to": dst} for dst, src in plan.origins.items() if src != dst]
-    if as_json:
-        _emit_json(
-            {
-                "source": str(source),
-                "output": str(output),
-                "format_out": fmt,
-                "blocks": mapping,
-                "renamed": copied,
-                "outputs": [t.name for t in plan.outputs],
-            }
-        )
-        return
+    return {
+        "source": str(source),
+        "output": str(output),
+        "format_out": fmt,
+        "blocks": mapping,
+        "renamed": copied,
+        "outputs": [t.name for t in plan.outputs],
+    }
+
+
+def _show_dry_run(document: dict[str, Any]) -> None:
+    mapping, copied, fmt = document["blocks"], document["renamed"], document["format_out"]
+    source, output = document["source"], document["output"]
     from rich.table import Table
 
     where = f"{_escape(str(source))} -> {_escape(str(output))}"
