@@ -1,4 +1,4 @@
-"""acnet-convert: fuse trained ACNet checkpoints into plain-conv checkpoints.
+"""acnet-convert: fuse re-parameterizable CNN checkpoints (ACNet, DBB, RepVGG, ...) into plain convs.
 
 The Python API is importable from the package itself::
 

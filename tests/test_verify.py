@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from acnet_convert.cli.parsing import parse_input_shape, parse_model_args
 from acnet_convert.convert import FuseOptions, fuse_checkpoint
 from acnet_convert.errors import (
     ACNetConvertError,
@@ -31,8 +32,6 @@ from acnet_convert.verify import (
     VerifyResult,
     junit_error_xml,
     junit_xml,
-    parse_input_shape,
-    parse_model_args,
     raise_for_result,
     resolve_device,
     verify_checkpoints,

@@ -108,7 +108,7 @@ def _parse_network(
     model_arg: Sequence[str], input_shape: str | None
 ) -> tuple[tuple[tuple[str, Any], ...], tuple[int, ...] | None]:
     """--model-arg and --input-shape (verify, export): the factory's keywords, the (C, H, W)."""
-    from acnet_convert.verify import parse_input_shape, parse_model_args
+    from acnet_convert.cli.parsing import parse_input_shape, parse_model_args
 
     model_args = parse_model_args(model_arg)
     return model_args, parse_input_shape(input_shape) if input_shape is not None else None

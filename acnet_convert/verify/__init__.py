@@ -50,8 +50,6 @@ from acnet_convert.verify.options import (
     LAYOUT_CHOICES,
     VerifyOptions,
     _check_options,
-    parse_input_shape,
-    parse_model_args,
     resolve_device,
 )
 from acnet_convert.verify.results import CaseResult, VerifyResult, raise_for_result
@@ -68,8 +66,6 @@ __all__ = [
     "arch_rows",
     "junit_error_xml",
     "junit_xml",
-    "parse_input_shape",
-    "parse_model_args",
     "raise_for_result",
     "resolve_device",
     "verify_checkpoints",
