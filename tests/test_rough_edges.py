@@ -138,6 +138,27 @@ def test_one_block_is_singular_and_sizes_show_megabytes(run_cli: CliRun, tmp_pat
     assert "block a: 3x3 + 1x3 + 3x1" in verbose.stderr and "max rel" in verbose.stderr
 
 
+@pytest.mark.parametrize(
+    "name, shown",
+    [
+        ("repvgg", "(RepVGG): 3x3 + 1x1 + identity 1x1"),
+        ("dbb", "(DBB): 3x3 + "),
+        ("mobileone", "(MobileOne): 3x3 + 3x3 + 1x1 + identity 1x1"),
+        ("replknet", "(RepLKNet): 7x7 + 3x3"),
+        ("mixed_acnet_repvgg", ": 3x3 + 1x3 + 3x1, "),
+    ],
+)
+def test_verbose_describes_every_family_block(
+    run_cli: CliRun, tmp_path: Path, name: str, shown: str
+) -> None:
+    src = FIXTURES / "families" / f"{name}.safetensors"
+    verbose = run_cli("fuse", src, tmp_path / "v.safetensors", "-v")
+    assert shown in verbose.stderr
+    assert verbose.stderr.count("max rel") == json.loads(
+        run_cli("fuse", src, tmp_path / "j.safetensors", "--json", "--quiet").stdout
+    )["blocks_fused"]
+
+
 def test_dropped_container_entries_are_noted_for_every_format(
     run_cli: CliRun, tmp_path: Path
 ) -> None:

@@ -28,6 +28,8 @@ def _summary(report: Any) -> str:
 
 def _details(report: Any) -> list[str]:
     """What -v adds: the dialect, and each block's geometry and check figures."""
+    from acnet_convert.families import family_title
+
     lines = [
         f"dialect '{report.dialect}' matched {_plural(len(report.blocks), 'block')} by its "
         f"key patterns; eps {report.eps:g}, layout {report.layout}"
@@ -36,9 +38,11 @@ def _details(report: Any) -> list[str]:
         figures = (
             f", max abs {b.max_abs:.3g}, max rel {b.max_rel:.3g}" if b.max_abs is not None else ""
         )
+        family = "" if b.family == "acnet" else f" ({family_title(b.family)})"
+        shape = " + ".join(_branch_text(branch) for branch in b.branches)
         lines.append(
-            f"block {b.label}: {b.kernel}x{b.kernel} + 1x{b.hor[1]} + {b.ver[0]}x1"
-            f"{' + last_bn' if b.last_bn else ''}, {b.dtype}{figures} -> {', '.join(b.outputs)}"
+            f"block {b.label}{family}: {shape}{' + last_bn' if b.last_bn else ''}, "
+            f"{b.dtype}{figures} -> {', '.join(b.outputs)}"
         )
     return lines
 
