@@ -154,9 +154,12 @@ def test_verbose_describes_every_family_block(
     src = FIXTURES / "families" / f"{name}.safetensors"
     verbose = run_cli("fuse", src, tmp_path / "v.safetensors", "-v")
     assert shown in verbose.stderr
-    assert verbose.stderr.count("max rel") == json.loads(
-        run_cli("fuse", src, tmp_path / "j.safetensors", "--json", "--quiet").stdout
-    )["blocks_fused"]
+    assert (
+        verbose.stderr.count("max rel")
+        == json.loads(run_cli("fuse", src, tmp_path / "j.safetensors", "--json", "--quiet").stdout)[
+            "blocks_fused"
+        ]
+    )
 
 
 def test_dropped_container_entries_are_noted_for_every_format(
