@@ -181,6 +181,33 @@ def test_a_tensor_damaged_on_the_way_is_caught(fmt: str, tmp_path: Path, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == [source.name]
 
 
+@pytest.mark.parametrize("src_fmt", ["pth", "hdf5"])
+def test_a_record_damaged_between_zip_files_is_caught(
+    src_fmt: str, tmp_path: Path, monkeypatch: Any
+) -> None:
+    # .pth to .pth: both records carry a CRC-32, which read-back compares instead of the
+    # bytes; only such pass-through copies are damaged here (fused tensors carry none)
+    source = save(wide_state(), tmp_path / f"train{SUFFIX[src_fmt]}", src_fmt)
+    real = rawio.copy_range
+    damaged: list[int] = []
+
+    def damaging(raw: RawBytes, out_fd: int, out_offset: int) -> None:
+        real(raw, out_fd, out_offset)
+        if raw.crc32 is not None or src_fmt != "pth":
+            damaged.append(raw.length)
+            rawio.write_range(out_fd, b"\xff\xff", out_offset + raw.length // 2)
+
+    import acnet_convert.checkpoint.pth.zipfmt as zipfmt
+
+    monkeypatch.setattr(zipfmt, "copy_range", damaging)
+    out = tmp_path / "fused.pth"
+    with pytest.raises(BadCheckpointError, match=r"did not land intact|fails its CRC-32 check"):
+        fuse_checkpoint(source, out, "pth")
+    assert damaged
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [source.name]
+
+
 def test_copy_range_reports_a_short_source(tmp_path: Path) -> None:
     import os
 

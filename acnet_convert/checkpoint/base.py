@@ -94,7 +94,8 @@ class RawBytes:
 
     Only valid while the reader that handed it out is open. ``crc32`` is the
     CRC-32 of exactly these bytes where the file already records it (a .pth
-    zip record that holds just this tensor), else None.
+    zip record that holds just this tensor), else None; a reader hands it out
+    only after checking the bytes against it.
     """
 
     fd: int
