@@ -28,8 +28,12 @@ Fields of a ``[[dialect]]``: ``name``, ``anchor``, ``fused_weight``,
 ``label`` (default: the anchor's groups, ``"{p}"``), ``last_bn``,
 ``derived``, ``kernel_order`` (``"OIHW"`` or ``"HWIO"``; ``kernel_layout`` is its old
 name, still read), ``default_eps``
-(default 1e-5) and ``bn_style`` (``"torch"``, ``"paddle"`` or ``"keras"``:
-how a BN given as a stem string expands; default ``"torch"``).
+(default 1e-5), ``bn_style`` (``"torch"``, ``"paddle"`` or ``"keras"``:
+how a BN given as a stem string expands; default ``"torch"``), ``family``
+(a family of its own, whose branches may be any number) and
+``deploy_folds_bn`` (true: the family's deploy nets also fold plain conv+BN
+units, so ``fuse`` does by default in a file whose blocks are all this
+family's; default false).
 A branch (``square`` and each of ``branches``) has ``weight``, optional
 ``bias``, and ``bn``: a stem string or a table with ``weight``, ``bias``,
 ``mean``, ``var`` and optional ``count``. ``last_bn`` is a BN the same way.
@@ -78,6 +82,7 @@ _DIALECT_FIELDS = {
     "default_eps",
     "bn_style",
     "family",
+    "deploy_folds_bn",
 }
 _REQUIRED = ("name", "anchor", "fused_weight", "fused_bias", "square", "branches")
 _BRANCH_FIELDS = {"weight", "bias", "bn", "kind", "dilation", "optional"}
@@ -243,6 +248,7 @@ class _Parser:
             derived=derived,
             kernel_order=self.kernel_order(table),
             default_eps=self.default_eps(table),
+            deploy_folds_bn=self.flag(table, "deploy_folds_bn"),
         )
         self.check_templates(dialect, groups + [d[0] for d in derived])
         return dialect
@@ -253,6 +259,12 @@ class _Parser:
         if order not in ("OIHW", "HWIO"):
             raise self.fail(f'\'{order_field}\' must be "OIHW" or "HWIO", got {order!r}')
         return str(order)
+
+    def flag(self, table: dict[str, Any], name: str) -> bool:
+        value = table.get(name, False)
+        if not isinstance(value, bool):
+            raise self.fail(f"'{name}' must be true or false, got {value!r}")
+        return value
 
     def default_eps(self, table: dict[str, Any]) -> float:
         eps = table.get("default_eps", 1e-5)

@@ -447,6 +447,50 @@ def test_fold_bn_is_off_by_default_and_named_in_the_report(tmp_path: Path, run_c
     assert (got - want).abs().max().item() <= 1e-10 * want.abs().max().item()
 
 
+_FOLDING_FAMILY = """
+[[dialect]]
+name = "myfold"
+family = "myfold"
+anchor = '(?P<p>(?:.+\\.)?)big\\.conv\\.weight'
+fused_weight = "{p}deployed.weight"
+fused_bias = "{p}deployed.bias"
+square = { weight = "{p}big.conv.weight", bn = "{p}big.bn" }
+branches = [{ weight = "{p}point.conv.weight", bn = "{p}point.bn" }]
+"""
+
+
+@pytest.mark.parametrize("folds", [True, False])
+def test_a_user_family_declares_whether_its_deploy_nets_fold_bn(
+    tmp_path: Path, run_cli: Any, folds: bool
+) -> None:
+    toml = tmp_path / "myfold.toml"
+    toml.write_text(_FOLDING_FAMILY + f"deploy_folds_bn = {str(folds).lower()}\n", encoding="utf-8")
+    rng = np.random.default_rng(43)
+    sd: State = {}
+    _conv(rng, sd, "stem.conv.weight", (4, 3, 3, 3))
+    _bn(rng, sd, "stem.bn", 4)
+    _conv(rng, sd, "m.big.conv.weight", (4, 4, 3, 3))
+    _bn(rng, sd, "m.big.bn", 4)
+    _conv(rng, sd, "m.point.conv.weight", (4, 4, 1, 1))
+    _bn(rng, sd, "m.point.bn", 4)
+    src, dst = tmp_path / "t.safetensors", tmp_path / "o.safetensors"
+    save_file(sd, str(src))
+    run_cli("fuse", src, dst, "--patterns", toml, "--quiet")
+    out = load_file(str(dst))
+    assert {"m.deployed.weight", "m.deployed.bias"} <= set(out)
+    assert ("stem.conv.bias" in out) is folds
+    assert ("stem.bn.running_var" in out) is not folds
+
+
+def test_deploy_folds_bn_must_be_a_boolean(tmp_path: Path, run_cli: Any) -> None:
+    toml = tmp_path / "bad.toml"
+    toml.write_text(_FOLDING_FAMILY + 'deploy_folds_bn = "yes"\n', encoding="utf-8")
+    src = tmp_path / "t.safetensors"
+    save_file({"w": np.zeros(2, np.float32)}, str(src))
+    result = run_cli("inspect", src, "--patterns", toml, expect=2)
+    assert "'deploy_folds_bn' must be true or false, got 'yes'" in result.stderr
+
+
 def _depthwise_avg_state() -> State:
     """A depthwise DBB block: dbb_origin and a dbb_avg without its conv (avg pool + avgbn)."""
     rng = np.random.default_rng(9)
