@@ -10,6 +10,7 @@ from typing import Any
 from acnet_convert.checkpoint import TensorInfo, open_checkpoint
 from acnet_convert.errors import ACNetConvertError, NoBlockFound, UnfusableBlockError, UsageError
 from acnet_convert.plan import FuseOptions, FusionPlan, plan_fusion
+from acnet_convert.provenance import found_notes
 
 __all__ = ["Inspection", "inspect_checkpoint"]
 
@@ -118,7 +119,7 @@ def inspect_checkpoint(
             metadata=dict(reader.metadata),
             plan=plan,
             problem=problem,
-            notes=_notes(path),
+            notes=(*_notes(path), *(found_notes(plan, ahead=True) if plan is not None else ())),
         )
 
 

@@ -32,7 +32,6 @@ from acnet_convert.dialects import (
     incomplete_sequences,
 )
 from acnet_convert.errors import NoBlockFound, UnfusableBlockError, UsageError
-from acnet_convert.families import family_title
 from acnet_convert.families.convbn import FOLD_BN, fold_units
 from acnet_convert.layouts import LAYOUTS, get_layout
 
@@ -44,7 +43,6 @@ __all__ = [
     "PlannedBlock",
     "deploy_folds_bn",
     "plan_fusion",
-    "plan_notes",
 ]
 
 
@@ -430,59 +428,6 @@ def _constant(reader: CheckpointReader) -> Callable[[str], bool]:
         return bool(values.size == 0 or (values == values.flat[0]).all())
 
     return constant
-
-
-def plan_notes(plan: FusionPlan) -> tuple[str, ...]:
-    """What people should know about a plan: aliases fused once or dropped, shape-only detection."""
-    notes = [
-        f"block '{b.spec.label}' holds the same tensors as '{b.alias_of}' (a module registered "
-        "twice): fused once, written under both names"
-        for b in plan.blocks
-        if b.alias_of
-    ]
-    notes += [
-        f"dropped the keys of the '{dialect}' block '{alias}': they hold the same tensors as the "
-        f"'{plan.dialect.name}' block '{primary}' (another naming of it)"
-        for alias, dialect, primary in plan.dropped_aliases
-    ]
-    used = [k for b in plan.blocks for k in b.consumed if k in plan.bn_eps]
-    if used:
-        values = ", ".join(f"{e:g}" for e in sorted({plan.bn_eps[k] for k in used}))
-        notes.append(
-            f"used the epsilon the file declares for each of {len(used)} BN(s) ({values}) "
-            "instead of the dialect's default; --eps overrides it"
-        )
-    if plan.eps_overridden:
-        key, declared = plan.eps_overridden[0]
-        notes.append(
-            f"--eps {plan.eps:g} overrides the epsilon the file declares for "
-            f"{len(plan.eps_overridden)} BN(s) (e.g. {declared:g} for '{key}')"
-        )
-    folded = [b for b in plan.blocks if b.spec.family == FOLD_BN.family]
-    if folded and plan.fold_bn_by_default:
-        titles = "/".join(family_title(f) for f in plan.fold_bn_by_default)
-        notes.append(
-            f"folded {len(folded)} plain conv+BN unit{'s' if len(folded) > 1 else ''} into conv "
-            f"weight + bias ({', '.join(repr(b.spec.label) for b in folded[:3])}"
-            f"{', ...' if len(folded) > 3 else ''}) by default: {titles} deploy nets fold them; "
-            "--no-fold-bn keeps them"
-        )
-    elif folded:
-        notes.append(
-            f"--fold-bn: folded {len(folded)} conv+BN unit{'s' if len(folded) > 1 else ''} into "
-            f"conv weight + bias ({', '.join(repr(b.spec.label) for b in folded[:3])}"
-            f"{', ...' if len(folded) > 3 else ''})"
-        )
-    notes += [
-        f"passed through '{s.name}' unfused (--allow-unfused): it looks like {s.what}"
-        for s in plan.suspects
-    ]
-    if plan.dialect.anchor is None and plan.dialect is not FOLD_BN:
-        notes.append(
-            "blocks were found by kernel shape alone (generic dialect); "
-            "check them with 'acnet-convert inspect' or name them with --patterns"
-        )
-    return tuple(notes)
 
 
 def _refuse_taken_bn(

@@ -17,9 +17,18 @@ from pathlib import Path
 from acnet_convert import __version__
 from acnet_convert.checkpoint import CheckpointReader, Container
 from acnet_convert.errors import BadCheckpointError
-from acnet_convert.plan import FuseOptions, FusionPlan, plan_notes
+from acnet_convert.families import family_title
+from acnet_convert.families.convbn import FOLD_BN
+from acnet_convert.plan import FuseOptions, FusionPlan
 
-__all__ = ["BackgroundDigest", "fuse_metadata", "fuse_notes", "sha256_file"]
+__all__ = [
+    "BackgroundDigest",
+    "found_notes",
+    "fuse_metadata",
+    "fuse_notes",
+    "plan_notes",
+    "sha256_file",
+]
 
 # Keras full-model files describe the network in these root attributes; after
 # fusing they would describe the training-time net, so the output keeps weights only.
@@ -153,3 +162,72 @@ def fuse_notes(
     notes += plan_notes(plan)
     notes += _extension_notes(source)
     return notes, tuple(k for k, _ in dropped_entries)
+
+
+def plan_notes(plan: FusionPlan) -> tuple[str, ...]:
+    """What people should know about a plan: aliases fused once or dropped, epsilons,
+    folded conv+BN units, tensors passed through unfused, shape-only detection."""
+    notes = list(found_notes(plan))
+    notes += [
+        f"passed through '{s.name}' unfused (--allow-unfused): it looks like {s.what}"
+        for s in plan.suspects
+    ]
+    if plan.dialect.anchor is None and plan.dialect is not FOLD_BN:
+        notes.append(
+            "blocks were found by kernel shape alone (generic dialect); "
+            "check them with 'acnet-convert inspect' or name them with --patterns"
+        )
+    return tuple(notes)
+
+
+def found_notes(plan: FusionPlan, *, ahead: bool = False) -> tuple[str, ...]:
+    """The notes on what the plan found and how it fuses it (what ``inspect`` shows too,
+    ``ahead`` of fusing): aliases, the epsilons used, folded conv+BN units."""
+    notes = [
+        f"block '{b.spec.label}' holds the same tensors as '{b.alias_of}' (a module registered "
+        "twice): fused once, written under both names"
+        for b in plan.blocks
+        if b.alias_of
+    ]
+    notes += [
+        f"dropped the keys of the '{dialect}' block '{alias}': they hold the same tensors as the "
+        f"'{plan.dialect.name}' block '{primary}' (another naming of it)"
+        for alias, dialect, primary in plan.dropped_aliases
+    ]
+    return (*notes, *_eps_notes(plan), *_fold_notes(plan, ahead))
+
+
+def _eps_notes(plan: FusionPlan) -> list[str]:
+    notes = []
+    used = [k for b in plan.blocks for k in b.consumed if k in plan.bn_eps]
+    if used:
+        values = ", ".join(f"{e:g}" for e in sorted({plan.bn_eps[k] for k in used}))
+        notes.append(
+            f"used the epsilon the file declares for each of {len(used)} BN(s) ({values}) "
+            "instead of the dialect's default; --eps overrides it"
+        )
+    if plan.eps_overridden:
+        key, declared = plan.eps_overridden[0]
+        notes.append(
+            f"--eps {plan.eps:g} overrides the epsilon the file declares for "
+            f"{len(plan.eps_overridden)} BN(s) (e.g. {declared:g} for '{key}')"
+        )
+    return notes
+
+
+def _fold_notes(plan: FusionPlan, ahead: bool) -> list[str]:
+    folded = [b for b in plan.blocks if b.spec.family == FOLD_BN.family]
+    if not folded:
+        return []
+    units = f"{len(folded)} plain conv+BN unit{'s' if len(folded) > 1 else ''}"
+    listed = (
+        f"{', '.join(repr(b.spec.label) for b in folded[:3])}{', ...' if len(folded) > 3 else ''}"
+    )
+    verb = "fuse folds" if ahead else "folded"
+    if plan.fold_bn_by_default:
+        titles = "/".join(family_title(f) for f in plan.fold_bn_by_default)
+        return [
+            f"{verb} {units} into conv weight + bias ({listed}) by default: {titles} deploy "
+            "nets fold them; --no-fold-bn keeps them"
+        ]
+    return [f"--fold-bn: {verb} {units.replace('plain ', '')} into conv weight + bias ({listed})"]

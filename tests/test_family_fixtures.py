@@ -351,6 +351,20 @@ def test_dbb_folds_its_plain_units_by_default(tmp_path: Path, run_cli) -> None:
     run_cli("verify", source, kept, "--blocks")
 
 
+def test_inspect_says_what_fuse_folds_and_follows_fold_bn(run_cli) -> None:
+    source = FIXTURES / "families" / "dbb.safetensors"
+    shown = json.loads(run_cli("inspect", source, "--json").stdout)
+    note = next(n for n in shown["notes"] if "by default" in n)
+    assert note.startswith("fuse folds 2 plain conv+BN units") and "--no-fold-bn" in note
+    assert "conv-bn" in {b["family"] for b in shown["blocks"]}
+    kept = json.loads(run_cli("inspect", source, "--json", "--no-fold-bn").stdout)
+    assert not any("fold" in n for n in kept["notes"])
+    assert "conv-bn" not in {b["family"] for b in kept["blocks"]}
+    assert kept["totals"] != shown["totals"]
+    human = run_cli("inspect", source).stdout + run_cli("inspect", source).stderr
+    assert "fuse folds 2 plain conv+BN units" in human
+
+
 def test_a_mixed_file_folds_only_when_every_family_asks(tmp_path: Path, run_cli) -> None:
     """DBB blocks beside a RepVGG block: RepVGG's deploy nets keep conv+BN, so nothing folds."""
     sd = load_file(str(FIXTURES / "families" / "dbb.safetensors"))

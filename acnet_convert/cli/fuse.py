@@ -24,6 +24,7 @@ from acnet_convert.cli.app import (
 from acnet_convert.cli.main import _fail
 from acnet_convert.cli.options import (
     eps_option,
+    fold_bn_option,
     force_option,
     json_option,
     layout_option,
@@ -110,12 +111,10 @@ class _FuseRun:
 @naming_options()
 @rename_option("Rename output keys (repeatable, applied in order).")
 @click.option("--dry-run", is_flag=True, help="Show what would be written, write nothing.")
-@click.option(
-    "--fold-bn/--no-fold-bn",
-    default=None,
-    help="Also fold every plain conv followed by its own BN (<b>.conv + <b>.bn, "
+@fold_bn_option(
+    "Also fold every plain conv followed by its own BN (<b>.conv + <b>.bn, "
     "<b>.<i> + <b>.<i+1>) into the conv's weight and bias, or never. Default: as the "
-    "families' deploy nets do (DBB's fold them; the others' do not).",
+    "families' deploy nets do (DBB's fold them; the others' do not)."
 )
 @click.option(
     "--allow-unfused",

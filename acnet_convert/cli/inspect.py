@@ -10,6 +10,7 @@ from acnet_convert.cli.app import _EXIT_HELP, _emit_json, _stdout, cli
 from acnet_convert.cli.fuse import _fuse_options
 from acnet_convert.cli.options import (
     eps_option,
+    fold_bn_option,
     json_option,
     layout_option,
     loss_threshold_option,
@@ -36,6 +37,10 @@ __all__ = ["inspect"]
 @eps_option("BatchNorm epsilon assumed for the 'after fusing' figures.")
 @layout_option("Layout assumed for the 'after fusing' figures.")
 @rename_option("Show output names after these renames.")
+@fold_bn_option(
+    "Count plain conv+BN units as folded (or not) in the blocks and 'after fusing' figures, "
+    "as for fuse. Default: as the families' deploy nets do (DBB's fold them)."
+)
 @click.option(
     "--stats",
     is_flag=True,
@@ -60,6 +65,7 @@ def inspect(
     eps: float | None,
     layout: str,
     rename: tuple[str, ...],
+    fold_bn: bool | None,
     stats: bool,
     plot: Path | None,
     loss_threshold: float,
@@ -76,7 +82,9 @@ def inspect(
     from acnet_convert.cli.render import render_inspection
     from acnet_convert.inspection import inspect_checkpoint
 
-    options = _fuse_options(eps, False, layout, dialect, patterns, rename, trust_pickle)
+    options = _fuse_options(
+        eps, False, layout, dialect, patterns, rename, trust_pickle, fold_bn=fold_bn
+    )
     if plot is not None:
         from acnet_convert.quantplot import require_plot_extra
 

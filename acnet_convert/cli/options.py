@@ -93,6 +93,10 @@ def layout_option(
     )
 
 
+def fold_bn_option(help: str) -> Callable[[F], F]:
+    return click.option("--fold-bn/--no-fold-bn", default=None, help=help)
+
+
 def rename_option(help: str) -> Callable[[F], F]:
     return click.option("--rename", multiple=True, metavar="REGEX=REPLACEMENT", help=help)
 
