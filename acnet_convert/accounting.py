@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from acnet_convert.checkpoint.base import TensorInfo
 from acnet_convert.dialects import Alias, Detection
 from acnet_convert.generic import branch_bn_stems
+from acnet_convert.keyfit import a_few
 from acnet_convert.naming import BlockSpec, BNSpec, BranchSpec
 
 __all__ = [
@@ -191,11 +192,10 @@ def _aliases(
 
 def suspects_message(source: str, suspects: Sequence[Suspect]) -> str:
     """The one-line refusal for a plan with suspicious tensors."""
-    shown = "; ".join(f"'{s.name}' ({s.what})" for s in suspects[:3])
-    more = f"; and {len(suspects) - 3} more" if len(suspects) > 3 else ""
+    shown = a_few([f"'{s.name}' ({s.what})" for s in suspects], 3, sep="; ", more="; and {n} more")
     return (
         f"{source}: {len(suspects)} group{'s' if len(suspects) > 1 else ''} of tensors look like "
-        f"training-time branches that would be left unfused: {shown}{more}. Describe them with "
+        f"training-time branches that would be left unfused: {shown}. Describe them with "
         "--patterns, or have 'fuse --allow-unfused' copy them through as they are"
     )
 

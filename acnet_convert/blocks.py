@@ -22,6 +22,7 @@ from acnet_convert.checkpoint.base import TensorInfo
 from acnet_convert.errors import UnfusableBlockError
 from acnet_convert.families import family_title
 from acnet_convert.fusion import BlockTensors, BNStats, Branch
+from acnet_convert.keyfit import a_few
 from acnet_convert.kinds import streamable
 from acnet_convert.naming import BlockSpec, BNSpec, BranchSpec
 
@@ -177,11 +178,10 @@ class _Checker:
         near = [k for k in (branch.keys() if branch else ()) if k in self.infos]
         where = f"its branch '{branch.role}' has " if near and branch and branch.role else ""
         near = near or [k for k in self.spec.keys() if k in self.infos]  # noqa: SIM118
-        shown = ", ".join(f"'{self.short(k)}'" for k in near[:3])
-        more = f" and {len(near) - 3} more" if len(near) > 3 else ""
+        shown = a_few([f"'{self.short(k)}'" for k in near], 3)
         return (
             f"these look like {family_title(self.spec.family)} tensors without "
-            f"'{self.short(key)}' ({where}{shown}{more}): an incomplete block, not a fused one "
+            f"'{self.short(key)}' ({where}{shown}): an incomplete block, not a fused one "
             f"('{key}' is missing). Try 'acnet-convert inspect'"
         )
 

@@ -19,6 +19,7 @@ from acnet_convert.checkpoint import CheckpointReader, Container
 from acnet_convert.errors import BadCheckpointError
 from acnet_convert.families import family_title
 from acnet_convert.families.convbn import FOLD_BN
+from acnet_convert.keyfit import a_few
 from acnet_convert.plan import FuseOptions, FusionPlan
 
 __all__ = [
@@ -220,9 +221,7 @@ def _fold_notes(plan: FusionPlan, ahead: bool) -> list[str]:
     if not folded:
         return []
     units = f"{len(folded)} plain conv+BN unit{'s' if len(folded) > 1 else ''}"
-    listed = (
-        f"{', '.join(repr(b.spec.label) for b in folded[:3])}{', ...' if len(folded) > 3 else ''}"
-    )
+    listed = a_few([repr(b.spec.label) for b in folded], 3, more=", ...")
     verb = "fuse folds" if ahead else "folded"
     if plan.fold_bn_by_default:
         titles = "/".join(family_title(f) for f in plan.fold_bn_by_default)
