@@ -84,6 +84,14 @@ def run_cli() -> CliRun:
     return CliRun()
 
 
+@pytest.fixture
+def out_dir(tmp_path: Path) -> Path:
+    """An empty folder for outputs (the hostile-input tests check nothing else lands in it)."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
 def bn_stats(
     rng: np.random.Generator, channels: int, prefix: str, affine: bool = True
 ) -> dict[str, np.ndarray]:

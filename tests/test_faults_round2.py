@@ -24,13 +24,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def out_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "out"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
 def src(tmp_path: Path) -> Path:
     return save_as(small_state(), tmp_path / "train.safetensors", "safetensors")
 

@@ -83,13 +83,6 @@ def assert_refused(
     return line
 
 
-@pytest.fixture
-def out_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "out"
-    folder.mkdir()
-    return folder
-
-
 def _fuse_and_inspect(run_cli: CliRun, src: Path, out_dir: Path, mentions: Sequence[str]) -> None:
     for out_name in ("fused.safetensors", "fused.pth", "fused.hdf5"):
         assert_refused(

@@ -28,13 +28,6 @@ from test_hostile import _peak_bytes, assert_refused, save_as
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def out_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "out"
-    folder.mkdir()
-    return folder
-
-
 def _cli(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """The CLI in a fresh process (for inputs that could hang or kill the process)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
