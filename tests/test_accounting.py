@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
+from test_families import _apply_bn, _t
 
 State = dict[str, np.ndarray]
 
@@ -27,24 +28,6 @@ def _acb(rng: np.random.Generator, sd: State, p: str, c: int = 4) -> None:
     for name, shape in (("square", (c, c, 3, 3)), ("hor", (c, c, 1, 3)), ("ver", (c, c, 3, 1))):
         sd[f"{p}{name}_conv.weight"] = rng.normal(0, 0.5, shape)
         _bn(rng, sd, f"{p}{name}_bn", c)
-
-
-def _t(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(a, dtype=np.float64))
-
-
-def _apply_bn(y: torch.Tensor, sd: State, stem: str, style: str = "torch") -> torch.Tensor:
-    mean, var = ("running_mean", "running_var") if style == "torch" else ("_mean", "_variance")
-    return F.batch_norm(
-        y,
-        _t(sd[f"{stem}.{mean}"]),
-        _t(sd[f"{stem}.{var}"]),
-        _t(sd[f"{stem}.weight"]),
-        _t(sd[f"{stem}.bias"]),
-        False,
-        0.0,
-        1e-5,
-    )
 
 
 def _save(sd: State, path: Path) -> Path:
@@ -133,7 +116,7 @@ def test_paddleslim_acblock_is_fused_with_its_bns(tmp_path: Path, run_cli: Any) 
             F.conv2d(crop, _t(sd[f"blk.{n}_branch.conv.weight"])),
             sd,
             f"blk.{n}_branch.bn",
-            "paddle",
+            style="paddle",
         )
         for n, crop in (("square", x), ("hor", x[:, :, 1:-1]), ("ver", x[:, :, :, 1:-1]))
     )

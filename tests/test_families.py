@@ -49,11 +49,15 @@ def _t(a: np.ndarray) -> Tensor:
     return torch.from_numpy(np.asarray(a, dtype=np.float64))
 
 
-def _apply_bn(y: Tensor, sd: State, stem: str, eps: float = 1e-5) -> Tensor:
+def _apply_bn(
+    y: Tensor, sd: State, stem: str, eps: float = 1e-5, *, style: str = "torch"
+) -> Tensor:
+    """Eval-mode BN from the state's ``<stem>.*`` (Paddle's ``_mean``/``_variance`` names too)."""
+    mean, var = ("running_mean", "running_var") if style == "torch" else ("_mean", "_variance")
     return F.batch_norm(
         y,
-        _t(sd[f"{stem}.running_mean"]),
-        _t(sd[f"{stem}.running_var"]),
+        _t(sd[f"{stem}.{mean}"]),
+        _t(sd[f"{stem}.{var}"]),
         _t(sd[f"{stem}.weight"]),
         _t(sd[f"{stem}.bias"]),
         False,
