@@ -277,11 +277,17 @@ def test_float16_checkpoint_uses_its_storage_tolerance(tmp_path: Path, run_cli: 
     assert allowed["onnx vs training net (batch 2)"] == pytest.approx(1e-2)
 
 
-def test_model_factory(tmp_path: Path, run_cli: CliRun) -> None:
+def _model_source(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """MODEL_SOURCE written as a factory file for --model, and the names it defines."""
     source = tmp_path / "mine.py"
     source.write_text(MODEL_SOURCE)
     namespace: dict[str, Any] = {}
     exec(compile(MODEL_SOURCE, str(source), "exec"), namespace)
+    return source, namespace
+
+
+def test_model_factory(tmp_path: Path, run_cli: CliRun) -> None:
+    source, namespace = _model_source(tmp_path)
     torch.manual_seed(3)
     train = tmp_path / "mine.pth"
     torch.save(randomise_bn_stats(namespace["make"](width=6), 3).state_dict(), train)
@@ -315,10 +321,7 @@ def test_repvgg_family_through_a_deploy_factory(tmp_path: Path, run_cli: CliRun)
 
 
 def test_data_dependent_forward_fails_closed(tmp_path: Path, run_cli: CliRun) -> None:
-    source = tmp_path / "mine.py"
-    source.write_text(MODEL_SOURCE)
-    namespace: dict[str, Any] = {}
-    exec(compile(MODEL_SOURCE, str(source), "exec"), namespace)
+    source, namespace = _model_source(tmp_path)
     plain = tmp_path / "plain.pth"
     torch.save(namespace["moody"]().state_dict(), plain)
     out = tmp_path / "moody.onnx"
@@ -331,10 +334,7 @@ def test_data_dependent_forward_fails_closed(tmp_path: Path, run_cli: CliRun) ->
 
 
 def test_dynamic_batch_refuses_a_forward_that_fixes_it(tmp_path: Path, run_cli: CliRun) -> None:
-    source = tmp_path / "mine.py"
-    source.write_text(MODEL_SOURCE)
-    namespace: dict[str, Any] = {}
-    exec(compile(MODEL_SOURCE, str(source), "exec"), namespace)
+    source, namespace = _model_source(tmp_path)
     plain = tmp_path / "fixed.pth"
     torch.save(namespace["fixed_batch"]().state_dict(), plain)
     out = tmp_path / "fixed.onnx"
