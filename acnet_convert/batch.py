@@ -24,7 +24,10 @@ from acnet_convert.errors import EXIT_OK, EXIT_UNUSABLE, ACNetConvertError, Usag
 
 __all__ = ["BatchInterrupted", "BatchItem", "expand_inputs", "fuse_many", "output_path"]
 
-_SUFFIX = {"pth": ".pth", "hdf5": ".hdf5", "safetensors": ".safetensors"}
+
+def _suffix(fmt: str) -> str:
+    """The file extension each output format is written with: its own name."""
+    return f".{fmt}"
 
 
 @dataclass(frozen=True)
@@ -66,13 +69,19 @@ def output_path(source: Path, out_dir: Path, to_format: str | None) -> tuple[Pat
     """Where ``source`` goes in ``out_dir``, and in which format."""
     if to_format is not None:
         fmt = format_for_path(source, to_format)
-        return out_dir / (source.stem + _SUFFIX[fmt]), fmt
+        return out_dir / (source.stem + _suffix(fmt)), fmt
     try:
         return out_dir / source.name, format_for_path(source)
     except UsageError:
         with open_checkpoint(source) as reader:
             fmt = reader.format
-        return out_dir / (source.stem + _SUFFIX[fmt]), fmt
+        return out_dir / (source.stem + _suffix(fmt)), fmt
+
+
+def _planned(source: Path, out_dir: Path, to_format: str | None) -> Path:
+    """Where ``source`` goes, known without opening it (an input whose extension names no
+    format keeps its name here; :func:`output_path` names it by its content)."""
+    return out_dir / (source.stem + _suffix(to_format) if to_format else source.name)
 
 
 def _fuse_one(
@@ -152,14 +161,14 @@ def fuse_many(
     if not sources:
         raise UsageError("no input files given")
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = [p.stem if to_format else p.name for p in sources]
+    outputs = [_planned(p, out_dir, to_format) for p in sources]
+    names = [o.name for o in outputs]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise UsageError(
             f"two inputs would both be written as '{dup}' in {out_dir}; fuse them into separate folders"
         )
     results: dict[int, BatchItem] = {}
-    outputs = [out_dir / (p.stem + _SUFFIX[to_format] if to_format else p.name) for p in sources]
     before = [_identity(o) for o in outputs]
     try:
         for index, item in _run(sources, out_dir, to_format, options, force, jobs):
@@ -174,7 +183,7 @@ def fuse_many(
                 results[i] = BatchItem(str(src), str(out), EXIT_OK, None, None)
         completed = [results[i] for i in sorted(results) if results[i].exit_code == EXIT_OK]
         rest = [src for i, src in enumerate(sources) if i not in results]
-        _remove_partials(out_dir, [out_dir / (p.stem if to_format else p.name) for p in rest])
+        _remove_partials(out_dir, [_planned(p, out_dir, to_format) for p in rest])
         raise BatchInterrupted(completed, rest) from err
     return [results[i] for i in range(len(sources))]
 
@@ -189,9 +198,9 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
 
 def _remove_partials(out_dir: Path, outputs: Sequence[Path]) -> None:
     """Temporary files of outputs never completed (a worker killed before it could clean up)."""
-    stems = [o.name for o in outputs]
+    prefixes = [f".{o.name}." for o in outputs]  # as atomic_output names them
     for leftover in out_dir.glob(".*.partial"):
-        if any(leftover.name.startswith(f".{stem}") for stem in stems):
+        if any(leftover.name.startswith(prefix) for prefix in prefixes):
             with contextlib.suppress(OSError):
                 leftover.unlink()
 

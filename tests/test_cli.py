@@ -130,6 +130,13 @@ def test_dry_run_writes_nothing_and_shows_renames(tmp_path: Path, run_cli) -> No
     assert "nothing written" in human.stdout
 
 
+@pytest.mark.parametrize("fmt", ["pth", "hdf5", "safetensors", "pdparams"])
+def test_batch_writes_every_output_format(tmp_path: Path, run_cli, fmt: str) -> None:
+    out_dir = tmp_path / "out"
+    run_cli("fuse", FIXTURES / "cifar_quick.pth", "--out-dir", out_dir, "--to", fmt, "--quiet")
+    assert [p.name for p in out_dir.iterdir()] == [f"cifar_quick.{fmt}"]
+
+
 def test_batch_dry_run_writes_nothing(tmp_path: Path, run_cli) -> None:
     out_dir = tmp_path / "out"
     sources = (FIXTURES / "resnet_like.pth", FIXTURES / "cifar_quick.pth")
