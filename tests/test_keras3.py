@@ -170,3 +170,25 @@ def test_damaged_keras3_weights_are_refused(tmp_path: Path, run_cli: CliRun) -> 
     truncated.write_bytes(data[: len(data) - 200])
     result = run_cli("inspect", truncated, expect=3)
     assert "error:" in result.stderr and str(truncated) in " ".join(result.stderr.split())
+
+
+@pytest.mark.parametrize("where", ["vars", "dataset", "layers"])
+def test_keras3_weights_never_follow_a_link(tmp_path: Path, run_cli: CliRun, where: str) -> None:
+    # an external link to a FIFO would block the reader forever; any link is refused
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f.create_group("g")["0"] = np.zeros(2, np.float32)
+        f["g/layers/x/vars/0"] = np.zeros(2, np.float32)
+    path = _weights_file(tmp_path / "linked.weights.h5")
+    with h5py.File(path, "a") as f:
+        group = f["layers/conv2d"]
+        if where == "vars":
+            del group["vars"]
+            group["vars"] = h5py.ExternalLink(str(other), "/g")
+        elif where == "dataset":
+            del group["vars/0"]
+            group["vars/0"] = h5py.ExternalLink(str(other), "/g/0")
+        else:
+            group["layers"] = h5py.ExternalLink(str(other), "/g/layers")
+    result = run_cli("inspect", path, expect=3)
+    assert "refusing to follow links" in result.stderr and str(path) in result.stderr

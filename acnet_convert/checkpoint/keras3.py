@@ -38,6 +38,7 @@ from .base import CheckpointReader, Container, RawBytes, TensorInfo
 from .h5_attrs import _H5_ERRORS, _reason
 from .h5_datasets import check_dataset, read_dataset
 from .keras_config import bn_epsilons, bn_layers
+from .keras_h5 import _hard_get
 
 __all__ = ["Keras3Reader", "is_keras3_weights", "snake_case"]
 
@@ -184,7 +185,7 @@ class Keras3Reader(CheckpointReader):
             )
         named = {g: (n, c, cfg) for g, n, c, cfg in _layer_groups(config)} if config else {}
         dropped = sorted(k for k in root if k not in ("layers", "vars"))
-        for group_path, group in _vars_groups(root["layers"], "layers"):
+        for group_path, group in _vars_groups(root["layers"], "layers", self.path):
             count = len(group)
             if sorted(group) != [str(i) for i in range(count)]:
                 raise BadCheckpointError(
@@ -193,9 +194,9 @@ class Keras3Reader(CheckpointReader):
             layer = named.get(group_path)
             names = _var_names(layer[1], layer[2], count) if layer else []
             for i in range(count):
-                dataset = group[str(i)]
+                dataset = _hard_get(group, str(i), self.path)
                 if not isinstance(dataset, h5py.Dataset):
-                    raise BadCheckpointError(f"{self.path}: '{dataset.name}' is not a dataset")
+                    raise BadCheckpointError(f"{self.path}: '{group.name}/{i}' is not a dataset")
                 key = f"{layer[0]}/{layer[0]}/{names[i]}:0" if layer else f"{group_path}/vars/{i}"
                 dtype, shape = check_dataset(dataset, key, self._size, self.path)
                 if key in self.tensors:
@@ -221,8 +222,12 @@ class Keras3Reader(CheckpointReader):
         self._file = self._member = self._zip = None
 
 
-def _vars_groups(group: h5py.Group, base: str) -> Iterator[tuple[str, h5py.Group]]:
-    """(path, vars group) for every group under ``group`` that holds variables, depth first."""
+def _vars_groups(group: h5py.Group, base: str, file: Path) -> Iterator[tuple[str, h5py.Group]]:
+    """(path, vars group) for every group under ``group`` that holds variables, depth first.
+
+    Every name is resolved through hard links only (:func:`keras_h5._hard_get`): a soft or
+    external link could alias, loop or open another file.
+    """
     for key in group:
         link = group.get(key, getlink=True)
         if not isinstance(link, h5py.HardLink):
@@ -231,8 +236,9 @@ def _vars_groups(group: h5py.Group, base: str) -> Iterator[tuple[str, h5py.Group
         if not isinstance(child, h5py.Group):
             continue
         path = f"{base}/{key}"
-        inner = child.get("vars")
+        inner = _hard_get(child, "vars", file)
         if isinstance(inner, h5py.Group) and len(inner):
             yield path, inner
-        if "layers" in child and isinstance(child["layers"], h5py.Group):
-            yield from _vars_groups(child["layers"], f"{path}/layers")
+        layers = _hard_get(child, "layers", file)
+        if isinstance(layers, h5py.Group):
+            yield from _vars_groups(layers, f"{path}/layers", file)
