@@ -315,3 +315,12 @@ def test_other_refused_globals_get_no_state_dict_advice(tmp_path: Path, run_cli:
     src = _torch_zip_with(tmp_path, _pickled_model("subprocess", "Popen"))
     result = run_cli("inspect", src, expect=3)
     assert "'subprocess.Popen'" in result.stderr and "state_dict" not in result.stderr
+
+
+def test_a_build_cannot_rewrite_an_allowed_global() -> None:
+    # BUILD with slot state on numpy's _reconstruct: it would swap the function it calls
+    from acnet_convert.checkpoint.pdparams import PdparamsUnpickler
+
+    data = b"\x80\x02cnumpy.core.multiarray\n_reconstruct\nN}X\x03\x00\x00\x00_fncnumpy\ndtype\ns\x86b."
+    with pytest.raises(AttributeError, match="read-only"):
+        PdparamsUnpickler(data, Path("crafted.pdparams")).load()

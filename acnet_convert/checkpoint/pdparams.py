@@ -31,7 +31,7 @@ from acnet_convert import dtypes
 from acnet_convert.errors import ACNetConvertError, BadCheckpointError
 
 from .base import CheckpointReader, Container, RawBytes, TensorInfo, check_produced
-from .pth.unpickler import RestrictedUnpickler
+from .pth.unpickler import RestrictedUnpickler, _Global
 
 __all__ = ["PdparamsReader", "PdparamsUnpickler", "write_pdparams"]
 
@@ -113,28 +113,16 @@ def _reconstruct(cls: Any, shape: Any, typecode: Any, *_rest: Any) -> _ArrayBuil
     return _ArrayBuilder()
 
 
-class _Callable:
-    """A global the pickle may call; no ``__dict__``, so a BUILD cannot write into it."""
-
-    __slots__ = ("_fn",)
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self._fn = fn
-
-    def __call__(self, *args: Any) -> Any:
-        return self._fn(*args)
-
-
 class PdparamsUnpickler(RestrictedUnpickler):
     """The restricted unpickler plus numpy's array and dtype reconstruction, and ``tuple``."""
 
     def find_class(self, module: str, name: str, /) -> Any:
         if module in _NUMPY_MODULES and name == "_reconstruct":
-            return _Callable(_reconstruct)
+            return _Global(_reconstruct)
         if module == "numpy" and name == "ndarray":
             return _NdarrayType()
         if module == "numpy" and name == "dtype":
-            return _Callable(_DTypeBuilder)
+            return _Global(_DTypeBuilder)
         if module in ("builtins", "__builtin__") and name == "tuple":
             return tuple  # Paddle >= 2.1: a tensor is tuple((name, ndarray))
         return super().find_class(module, name)
