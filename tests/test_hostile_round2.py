@@ -131,6 +131,28 @@ def test_keras_layer_name_through_an_external_link_to_a_fifo(tmp_path: Path) -> 
     assert not (tmp_path / "out.h5").exists()
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("reader", ["Keras3Reader", "PdparamsReader"])
+def test_every_reader_refuses_a_fifo_given_to_it_directly(tmp_path: Path, reader: str) -> None:
+    # readers are public: built without sniffing first, they must not block on a FIFO
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    module = "keras3" if reader == "Keras3Reader" else "pdparams"
+    code = (
+        f"from acnet_convert.checkpoint.{module} import {reader}\n"
+        "from acnet_convert.errors import BadCheckpointError\n"
+        "try:\n"
+        f"    {reader}(__import__('pathlib').Path({str(fifo)!r}))\n"
+        "except BadCheckpointError as err:\n"
+        "    print('refused:', err)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, env=env
+    )
+    assert done.stdout.startswith("refused:") and "regular file" in done.stdout, done
+
+
 def test_keras_layer_name_through_a_soft_link(
     run_cli: CliRun, tmp_path: Path, out_dir: Path
 ) -> None:

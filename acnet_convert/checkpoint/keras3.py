@@ -34,7 +34,14 @@ import numpy as np
 
 from acnet_convert.errors import BadCheckpointError
 
-from .base import CheckpointReader, Container, RawBytes, TensorInfo
+from .base import (
+    CheckpointReader,
+    Container,
+    RawBytes,
+    TensorInfo,
+    open_regular,
+    require_regular_file,
+)
 from .h5_attrs import _H5_ERRORS, _reason
 from .h5_datasets import check_dataset, read_dataset
 from .keras_config import bn_epsilons, bn_layers
@@ -144,6 +151,7 @@ class Keras3Reader(CheckpointReader):
         self._zip: zipfile.ZipFile | None = None
         self._member: IO[bytes] | None = None
         self._file: h5py.File | None = None
+        self._handle: IO[bytes] | None = None
         try:
             config = self._open()
             assert self._file is not None
@@ -164,11 +172,13 @@ class Keras3Reader(CheckpointReader):
         return self.flavour
 
     def _open(self) -> Any:
-        if not zipfile.is_zipfile(self.path):
+        size = require_regular_file(self.path)
+        self._handle = open_regular(self.path)
+        if not zipfile.is_zipfile(self._handle):
             self._file = h5py.File(self.path, "r")
-            self._size = self.path.stat().st_size
+            self._size = size
             return None
-        self._zip = zipfile.ZipFile(self.path)
+        self._zip = zipfile.ZipFile(self._handle)
         info = self._zip.getinfo(_CONFIG)
         if info.file_size > _MAX_CONFIG_BYTES:
             raise BadCheckpointError(f"{self.path}: config.json is {info.file_size} bytes")
@@ -216,10 +226,10 @@ class Keras3Reader(CheckpointReader):
         return None
 
     def close(self) -> None:
-        for handle in (self._file, self._member, self._zip):
+        for handle in (self._file, self._member, self._zip, self._handle):
             if handle is not None:
                 handle.close()
-        self._file = self._member = self._zip = None
+        self._file = self._member = self._zip = self._handle = None
 
 
 def _vars_groups(group: h5py.Group, base: str, file: Path) -> Iterator[tuple[str, h5py.Group]]:

@@ -30,7 +30,7 @@ import numpy as np
 from acnet_convert import dtypes
 from acnet_convert.errors import ACNetConvertError, BadCheckpointError
 
-from .base import CheckpointReader, Container, RawBytes, TensorInfo, check_produced
+from .base import CheckpointReader, Container, RawBytes, TensorInfo, check_produced, open_regular
 from .pth.unpickler import RestrictedUnpickler, _Global
 
 __all__ = ["PdparamsReader", "PdparamsUnpickler", "write_pdparams"]
@@ -182,7 +182,7 @@ class PdparamsReader(CheckpointReader):
 
     def _load(self) -> Any:
         try:
-            with open(self.path, "rb") as handle:
+            with open_regular(self.path) as handle:
                 data = handle.read()
             if self.trust_pickle:
                 return pickle.loads(data)  # the user opted in to running the file's code
