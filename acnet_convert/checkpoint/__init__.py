@@ -141,7 +141,8 @@ def write_checkpoint(
             if source is not None and source.format == "hdf5"
             else "flat"
         )
-        own = writer_state if isinstance(writer_state, KerasAttrs) else None
+        if writer_state is None and source is not None:
+            writer_state = source.writer_state({})
         write_hdf5(
             path,
             tensors,
@@ -149,8 +150,8 @@ def write_checkpoint(
             metadata,
             flavour=flavour,
             prefix=container.prefix,
-            keras_attrs=(own or getattr(source, "keras_attrs", None))
-            if flavour == "keras"
+            keras_attrs=writer_state
+            if flavour == "keras" and isinstance(writer_state, KerasAttrs)
             else None,
         )
     elif fmt == "pth":

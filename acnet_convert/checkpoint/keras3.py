@@ -145,7 +145,6 @@ class Keras3Reader(CheckpointReader):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.flavour = "keras"  # written back as a Keras 2 style weight file
-        self.keras_attrs = None
         self.bn_epsilons: dict[str, float] = {}
         self._paths: dict[str, str] = {}
         self._zip: zipfile.ZipFile | None = None
