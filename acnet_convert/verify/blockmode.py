@@ -141,8 +141,8 @@ def _fused_values(
 
 def _block_cases(
     train: CheckpointReader, fused: CheckpointReader, options: VerifyOptions, rtol: float
-) -> tuple[str, list[CaseResult], list[str]]:
-    """Check every block (and the copied tensors) on its own; returns layout, cases, notes."""
+) -> tuple[str, list[CaseResult]]:
+    """Check every block (and the copied tensors) on its own; returns layout and cases."""
     plan, layout = _plan_for(train, fused.tensors, options, fused.metadata)
     rng = np.random.default_rng(options.seed)
     cases: list[CaseResult] = []
@@ -182,11 +182,11 @@ def _block_cases(
                 seconds=time.perf_counter() - began,
             )
         )
-    copied, notes = _copied_case(train, fused, plan, options, rtol)
+    copied = _copied_case(train, fused, plan, options, rtol)
     if copied is not None:
         cases.append(copied)
     cases.extend(_accounting_cases(fused, plan, options))
-    return layout, cases, notes
+    return layout, cases
 
 
 def _accounting_cases(
@@ -289,13 +289,12 @@ def _copied_case(
     plan: FusionPlan,
     options: VerifyOptions,
     rtol: float,
-) -> tuple[CaseResult | None, list[str]]:
+) -> CaseResult | None:
     """Compare the tensors ``fuse`` copies unchanged (classifier, stem, other BNs)."""
     began = time.perf_counter()
-    notes: list[str] = []
     present = [(out, src) for out, src in plan.origins.items() if out in fused.tensors]
     if not present:
-        return None, notes
+        return None
     worst: _Worst | None = None
     differing: list[str] = []
     cosine = 1.0
@@ -310,7 +309,7 @@ def _copied_case(
         cosine = min(cosine, diff.cosine)
     worst = worst or (0.0, "", 0.0, 0.0, options.atol)
     seconds = time.perf_counter() - began
-    return _copied_result(len(present), worst, differing, cosine, seconds), notes
+    return _copied_result(len(present), worst, differing, cosine, seconds)
 
 
 def _copied_result(
@@ -357,7 +356,7 @@ def _verify_blocks(
             "block mode feeds each block its own random input; --input-shape only applies "
             "to a network"
         )
-    layout, cases, more = _block_cases(train, fused, options, rtol)
+    layout, cases = _block_cases(train, fused, options, rtol)
     return VerifyResult(
         train=str(train.path),
         fused=str(fused.path),
@@ -375,7 +374,7 @@ def _verify_blocks(
         input="random",
         input_shape=None,
         cases=tuple(cases),
-        notes=(*notes, *more),
+        notes=tuple(notes),
         seconds=time.perf_counter() - started,
     )
 

@@ -211,7 +211,7 @@ def _verify_network(
         cases = _compare_outputs(train, nets.label, reference, got, rtol, options.atol, seconds)
     block_checks: list[CaseResult] = []
     try:
-        _, block_checks, _ = _block_cases(train, fused, options, rtol)
+        _, block_checks = _block_cases(train, fused, options, rtol)
     except ACNetConvertError as err:
         notes.append(f"the per-block check could not run, so only the network was compared: {err}")
     return VerifyResult(
