@@ -89,8 +89,9 @@ def equivalent(branch: Branch, target: Target, first: int = 0) -> tuple[np.ndarr
         w, b = fold_bn(branch.weight, branch.bias, branch.bn)
         return dilate(w, branch.dilation), b
     if branch.kind == "identity":
-        ident = identity_kernel(_through(first, rows, in_per_group), in_per_group, 1, 1)
-        return fold_bn(ident[_rows(first, rows)], None, branch.bn)
+        channels = _through(first, rows, in_per_group)
+        ident = identity_kernel(channels, in_per_group, 1, 1, _rows(first, rows))
+        return fold_bn(ident, None, branch.bn)
     if branch.kind == "avg":
         return _avg_equivalent(branch, target, first)
     if branch.kind == "seq":
@@ -102,8 +103,8 @@ def _avg_equivalent(branch: Branch, target: Target, first: int) -> tuple[np.ndar
     rows, in_per_group, kh, kw = target
     pre = branch.pre
     if pre is None or pre.weight is None:  # depthwise: the pool runs on the input itself
-        kernel = avg_kernel(_through(first, rows, in_per_group), in_per_group, kh)
-        kernel = kernel[_rows(first, rows)]
+        channels = _through(first, rows, in_per_group)
+        kernel = avg_kernel(channels, in_per_group, kh, _rows(first, rows))
         return fold_bn(kernel, None, branch.bn)
     k1, b1 = fold_bn(pre.weight, pre.bias, pre.bn)
     # the pool is per channel: each output channel's 1x1 weight spread over k x k, / k^2
@@ -181,12 +182,12 @@ def reference(branch: Branch, x: np.ndarray, target: Target, first: int = 0) -> 
     if branch.kind == "conv":
         return _conv_reference(branch, x, size)
     if branch.kind == "identity":
-        y = identity_reference(first + rows, x, size, None)[:, _rows(first, rows)]
+        y = identity_reference(first + rows, x, size, None, _rows(first, rows))
         return branch.bn.apply(y) if branch.bn is not None else y
     if branch.kind == "avg":
         pre = branch.pre
         if pre is None or pre.weight is None:
-            y = avg_pool_reference(x, kh, None, channels=first + rows)[:, _rows(first, rows)]
+            y = avg_pool_reference(x, kh, None, channels=first + rows, rows=_rows(first, rows))
         else:
             y = avg_pool_reference(x, kh, None, conv=pre.weight, conv_bn=None)
             if pre.bias is not None:

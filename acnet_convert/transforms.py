@@ -66,21 +66,32 @@ def pad_to(kernel: np.ndarray, kh: int, kw: int) -> np.ndarray:
     return out
 
 
-def _diagonal(channels: int, in_per_group: int, kh: int, kw: int, value: float) -> np.ndarray:
-    """``value`` at ``[i, i mod in_per_group]`` over the whole ``kh x kw`` window."""
+def _channels(channels: int, in_per_group: int, rows: slice | None) -> np.ndarray:
+    """The output channels asked for (``rows`` of ``channels``; all without it)."""
     if in_per_group <= 0 or channels % in_per_group:
         raise ValueError(f"{channels} channels do not split into groups of {in_per_group}")
-    out = np.zeros((channels, in_per_group, kh, kw), dtype=np.float64)
-    rows = np.arange(channels)
-    out[rows, rows % in_per_group] = value
+    return np.arange(channels)[rows if rows is not None else slice(None)]
+
+
+def _diagonal(
+    channels: int, in_per_group: int, kh: int, kw: int, value: float, rows: slice | None
+) -> np.ndarray:
+    """``value`` at ``[i, i mod in_per_group]`` over the whole ``kh x kw`` window, for the
+    output channels ``rows`` only (a slab costs its own rows, not the block's)."""
+    wanted = _channels(channels, in_per_group, rows)
+    out = np.zeros((len(wanted), in_per_group, kh, kw), dtype=np.float64)
+    out[np.arange(len(wanted)), wanted % in_per_group] = value
     return out
 
 
-def identity_kernel(channels: int, in_per_group: int, kh: int, kw: int) -> np.ndarray:
+def identity_kernel(
+    channels: int, in_per_group: int, kh: int, kw: int, rows: slice | None = None
+) -> np.ndarray:
     """The kernel of an identity branch: 1 at ``[i, i mod in_per_group]`` at the centre.
 
     ``channels`` is the block's width (in == out); ``in_per_group`` is the
     conv's second dimension, so with groups ``g`` it is ``channels / g``.
+    ``rows`` keeps only those output channels (a slab).
 
     >>> identity_kernel(4, 2, 1, 1)[:, :, 0, 0]
     array([[1., 0.],
@@ -90,16 +101,17 @@ def identity_kernel(channels: int, in_per_group: int, kh: int, kw: int) -> np.nd
     """
     if kh % 2 == 0 or kw % 2 == 0:
         raise ValueError(f"an identity has no centre in an even {kh}x{kw} kernel")
-    return pad_to(_diagonal(channels, in_per_group, 1, 1, 1.0), kh, kw)
+    return pad_to(_diagonal(channels, in_per_group, 1, 1, 1.0, rows), kh, kw)
 
 
-def avg_kernel(channels: int, in_per_group: int, k: int) -> np.ndarray:
+def avg_kernel(channels: int, in_per_group: int, k: int, rows: slice | None = None) -> np.ndarray:
     """The kernel of a kxk average pool (zeros counted): ``1/k^2`` on the channel diagonal.
 
     Agrees with ``nn.AvgPool2d(k, stride, padding)`` whose default
-    ``count_include_pad=True`` divides by ``k^2`` at the borders too.
+    ``count_include_pad=True`` divides by ``k^2`` at the borders too. ``rows``
+    keeps only those output channels (a slab).
     """
-    return _diagonal(channels, in_per_group, k, k, 1.0 / (k * k))
+    return _diagonal(channels, in_per_group, k, k, 1.0 / (k * k), rows)
 
 
 def idconv_kernel(weight: np.ndarray) -> np.ndarray:
@@ -174,15 +186,20 @@ def _normalise(y: np.ndarray, bn: BNStats | None) -> np.ndarray:
 
 
 def identity_reference(
-    channels: int, x: np.ndarray, target: tuple[int, int], bn: BNStats | None
+    channels: int,
+    x: np.ndarray,
+    target: tuple[int, int],
+    bn: BNStats | None,
+    rows: slice | None = None,
 ) -> np.ndarray:
     """An identity branch (a BN alone, or nothing) on the local input x [N, I/g, H, W].
 
     Output channel ``o`` is local input channel ``o mod (I/g)`` at the centre of
-    each ``target`` window, then normalised by ``bn``.
+    each ``target`` window, then normalised by ``bn``; ``rows`` keeps only those
+    output channels.
     """
     centre = _centre(x, target, (1, 1))
-    return _normalise(centre[:, np.arange(channels) % x.shape[1]], bn)
+    return _normalise(centre[:, np.arange(channels)[rows or slice(None)] % x.shape[1]], bn)
 
 
 def avg_pool_reference(
@@ -192,12 +209,13 @@ def avg_pool_reference(
     conv: np.ndarray | None = None,
     conv_bn: BNStats | None = None,
     channels: int | None = None,
+    rows: slice | None = None,
 ) -> np.ndarray:
     """DBB's ``dbb_avg``: [1x1 ``conv`` [O, I/g, 1, 1], its ``bn``], kxk average pool, ``avgbn``.
 
     Without ``conv`` (DBB's depthwise form) the pool runs on the input itself:
     output channel ``o`` averages local channel ``o mod (I/g)``, for ``channels``
-    outputs. The target kernel is kxk.
+    outputs (``rows`` of them, if given). The target kernel is kxk.
     """
     if conv is not None:
         z = np.einsum("oi,nihw->nohw", conv[:, :, 0, 0], x)
@@ -205,7 +223,7 @@ def avg_pool_reference(
     else:
         if channels is None:
             raise ValueError("an average pool without a conv needs the channel count")
-        z = x[:, np.arange(channels) % x.shape[1]]
+        z = x[:, np.arange(channels)[rows or slice(None)] % x.shape[1]]
     pooled = _windows(z, k, k).mean(axis=(4, 5))
     return _normalise(pooled, avg_bn)
 

@@ -327,3 +327,20 @@ def test_compose_and_its_reference_agree_with_torch_over_shapes(
     local = rng.normal(0, 1, (2, in_per_group, 7, 7))
     got = sequential_reference(local, k1, _stats(bn1), k2, _stats(bn2), (k, k))
     _close(got, conv_outputs(kernel, bias, local))
+
+
+@pytest.mark.parametrize("rows", [slice(0, 3), slice(5, 9), slice(7, 12)])
+def test_diagonal_kernels_of_a_slab_are_its_rows_of_the_whole(rows: slice) -> None:
+    np.testing.assert_array_equal(
+        identity_kernel(12, 4, 3, 3, rows), identity_kernel(12, 4, 3, 3)[rows]
+    )
+    np.testing.assert_array_equal(avg_kernel(12, 3, 3, rows), avg_kernel(12, 3, 3)[rows])
+    x = np.random.default_rng(5).normal(size=(2, 4, 5, 5))
+    np.testing.assert_array_equal(
+        identity_reference(12, x, (3, 3), None, rows),
+        identity_reference(12, x, (3, 3), None)[:, rows],
+    )
+    np.testing.assert_array_equal(
+        avg_pool_reference(x, 3, None, channels=12, rows=rows),
+        avg_pool_reference(x, 3, None, channels=12)[:, rows],
+    )
