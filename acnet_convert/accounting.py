@@ -134,24 +134,35 @@ def find_suspects(
             (Equal constant tensors, such as untrained ones, are not aliases.)
     """
     suspects: dict[str, Suspect] = {}
+    taken: set[str] = set()  # the keys of the suspects so far
+
+    def add(suspect: Suspect) -> None:
+        if suspect.name not in suspects:
+            suspects[suspect.name] = suspect
+            taken.update(suspect.keys)
+
     bn_stems = _bn_stems(passed, infos)
+    groups: dict[str, tuple[str, ...]] = {}  # a BN stem's keys, found once
     for spec, width in blocks:
         prefix = spec.fields.get("p")
         if prefix is None:
             continue
         for s in _conv_suspects(spec, prefix, width, passed, infos, bn_stems):
-            suspects.setdefault(s.name, s)
+            add(s)
         if not prefix:  # a block at the top level: every root key is "inside" it
             continue
         for stem, mean in bn_stems.items():
-            claimed = any(k in s.keys for s in suspects.values() for k in _group(stem, passed))
-            if _under(stem, prefix) and infos[mean].shape == (width[0],) and not claimed:
-                what = (
-                    f"BatchNorm statistics of width {width[0]} inside block '{spec.label}' "
-                    f"({spec.family}), which was fused without them"
-                )
-                suspects.setdefault(stem, Suspect(stem, _group(stem, passed), what))
-    taken = {k for s in suspects.values() for k in s.keys}
+            if not _under(stem, prefix) or infos[mean].shape != (width[0],):
+                continue
+            if stem not in groups:
+                groups[stem] = _group(stem, passed)
+            if any(k in taken for k in groups[stem]):  # already part of a suspect
+                continue
+            what = (
+                f"BatchNorm statistics of width {width[0]} inside block '{spec.label}' "
+                f"({spec.family}), which was fused without them"
+            )
+            add(Suspect(stem, groups[stem], what))
     rest = [k for k in passed if k not in taken]
     for alias in _aliases(rest, infos, consumed, same, constant):
         suspects.setdefault(alias.name, alias)
