@@ -14,7 +14,7 @@ from acnet_convert.errors import UnfusableBlockError
 from acnet_convert.families.acnet import acnet_problem
 from acnet_convert.naming import BlockSpec, BNSpec, BranchSpec, Dialect, bn_names
 
-__all__ = ["branch_bn_stems", "generic_blocks"]
+__all__ = ["bn_at", "branch_bn_stems", "generic_blocks"]
 
 
 def _label(dialect: Dialect, fields: Mapping[str, str]) -> str:
@@ -47,7 +47,10 @@ def branch_bn_stems(module: str) -> tuple[str, list[str]]:
     return module, stems
 
 
-def _generic_bn(stems: Sequence[str], channels: int, keys: Mapping[str, object]) -> BNSpec | None:
+def bn_at(stems: Sequence[str], channels: int, keys: Mapping[str, object]) -> BNSpec | None:
+    """The first of ``stems`` holding a ``channels``-wide BN (torch names; running mean and
+    var required). A BN with only one of weight and bias keeps the other's name, so the
+    missing tensor is reported, never taken as 1 or 0."""
     for stem in stems:
         names = bn_names(stem)
         mean, var = keys.get(names.mean), keys.get(names.var)
@@ -114,7 +117,7 @@ def generic_blocks(dialect: Dialect, keys: Mapping[str, object]) -> list[BlockSp
             parent=parent,
             shape=(int(shape[0]), int(shape[1]), int(shape[2]), int(shape[3])),
             bias=bias if bias in keys else None,
-            bn=_generic_bn(stems, int(shape[0]), keys),
+            bn=bn_at(stems, int(shape[0]), keys),
         )
         convs.setdefault((parent, conv.shape[0], conv.shape[1]), []).append(conv)
     _refuse_ambiguous(convs)

@@ -451,6 +451,22 @@ def test_fold_bn_is_off_by_default_and_named_in_the_report(tmp_path: Path, run_c
     assert (got - want).abs().max().item() <= 1e-10 * want.abs().max().item()
 
 
+@pytest.mark.parametrize("lost", ["weight", "bias"])
+def test_fold_bn_refuses_a_unit_whose_bn_lost_half_its_affine(
+    tmp_path: Path, run_cli: Any, lost: str
+) -> None:
+    rng = np.random.default_rng(47)
+    sd: State = dict(repvgg_case("repvgg").state)
+    _conv(rng, sd, "stem.conv.weight", (4, 3, 3, 3))
+    _bn(rng, sd, "stem.bn", 4)
+    del sd[f"stem.bn.{lost}"]
+    src, out = tmp_path / "t.safetensors", tmp_path / "o.safetensors"
+    save_file(sd, str(src))
+    result = run_cli("fuse", src, out, "--fold-bn", expect=3)
+    assert f"stem.bn.{lost}" in result.stderr
+    assert not out.exists()
+
+
 _FOLDING_FAMILY = """
 [[dialect]]
 name = "myfold"

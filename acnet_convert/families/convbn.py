@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
-from acnet_convert.naming import BlockSpec, BNSpec, BranchSpec, Dialect, bn_names
+from acnet_convert.generic import bn_at, branch_bn_stems
+from acnet_convert.naming import BlockSpec, BranchSpec, Dialect
 
 __all__ = ["FOLD_BN", "fold_units"]
 
@@ -32,15 +33,6 @@ FOLD_BN = Dialect(
 )
 
 
-def _bn_of(module: str) -> str | None:
-    head, _, last = module.rpartition(".")
-    if head and last == "conv":
-        return f"{head}.bn"
-    if head and last.isdigit():
-        return f"{head}.{int(last) + 1}"
-    return None
-
-
 def fold_units(infos: Mapping[str, object], taken: Collection[str]) -> list[BlockSpec]:
     """Every conv+BN unit among the keys not in ``taken``, as a one-branch block."""
     found: list[BlockSpec] = []
@@ -49,23 +41,13 @@ def fold_units(infos: Mapping[str, object], taken: Collection[str]) -> list[Bloc
         if key in taken or not key.endswith(".weight") or len(shape) != 4:
             continue
         module = key[: -len(".weight")]
-        stem = _bn_of(module)
-        if stem is None:
+        branch, stems = branch_bn_stems(module)
+        if branch == module:  # neither <b>.conv nor <b>.<i>: no structural BN spelling
             continue
-        names = bn_names(stem)
-        keys = (names.weight, names.bias, names.mean, names.var)
-        if names.mean not in infos or names.var not in infos or any(k in taken for k in keys):
-            continue
-        if getattr(infos[names.mean], "shape", None) != (shape[0],):
+        bn = bn_at(stems[:1], shape[0], infos)  # <b>.bn, or <b>.<i+1>
+        if bn is None or any(k in taken for k in bn.keys()):  # noqa: SIM118 - a method
             continue
         bias = f"{module}.bias"
-        bn = BNSpec(
-            mean=names.mean,
-            var=names.var,
-            weight=names.weight if names.weight in infos else None,
-            bias=names.bias if names.bias in infos else None,
-            count=names.count if names.count and names.count in infos else None,
-        )
         found.append(
             BlockSpec(
                 label=module,
