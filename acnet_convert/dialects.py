@@ -202,10 +202,6 @@ def _resolve_branches(
     return found
 
 
-def _label(dialect: Dialect, fields: Mapping[str, str]) -> str:
-    return dialect.label.format(**fields).rstrip("./") or "<top level>"
-
-
 def _blocks_of(dialect: Dialect, keys: Mapping[str, object]) -> list[BlockSpec]:
     if dialect.anchor is None:
         return generic_blocks(dialect, keys)
@@ -225,7 +221,7 @@ def _blocks_of(dialect: Dialect, keys: Mapping[str, object]) -> list[BlockSpec]:
             continue
         found.append(
             BlockSpec(
-                label=_label(dialect, fields),
+                label=dialect.label_for(fields),
                 dialect=dialect.name,
                 square=square,
                 branches=tuple(

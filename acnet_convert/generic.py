@@ -17,10 +17,6 @@ from acnet_convert.naming import BlockSpec, BNSpec, BranchSpec, Dialect, bn_name
 __all__ = ["bn_at", "branch_bn_stems", "generic_blocks"]
 
 
-def _label(dialect: Dialect, fields: Mapping[str, str]) -> str:
-    return dialect.label.format(**fields).rstrip("./") or "<top level>"
-
-
 @dataclass(frozen=True)
 class _Conv:
     key: str
@@ -133,7 +129,7 @@ def generic_blocks(dialect: Dialect, keys: Mapping[str, object]) -> list[BlockSp
         _refuse_unattached_bn((square, row, col), keys)
         fields = {"p": f"{parent}." if parent else ""}
         spec = BlockSpec(
-            label=_label(dialect, fields),
+            label=dialect.label_for(fields),
             dialect=dialect.name,
             square=BranchSpec(square.key, square.bias, square.bn),
             branches=(BranchSpec(row.key, row.bias, row.bn), BranchSpec(col.key, col.bias, col.bn)),

@@ -155,6 +155,10 @@ class Dialect:
                 fields[name] = value
         return fields
 
+    def label_for(self, fields: Mapping[str, str]) -> str:
+        """A block's label: ``label`` filled from ``fields``, without a trailing separator."""
+        return self.label.format(**fields).rstrip("./") or "<top level>"
+
     def templates(self) -> dict[str, str]:
         """Every key template of the dialect, by where it sits (for validation and messages)."""
         out = {

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from acnet_convert.families._names import TORCH_PREFIX, conv_bn
 from acnet_convert.naming import BranchNames, Dialect, bn_names
 
 __all__ = ["DIALECTS", "GENERIC", "acnet_problem", "validate_acnet"]
@@ -77,18 +78,6 @@ def _keras_branch(layer: str) -> BranchNames:
     )
 
 
-def _convmodule(stem: str) -> BranchNames:
-    return BranchNames(
-        f"{{p}}{stem}.conv.weight",
-        f"{{p}}{stem}.conv.bias",
-        bn_names(f"{{p}}{stem}.bn"),
-        role=stem,
-    )
-
-
-# ``p`` includes its trailing dot, so a block at the top level has p == "".
-TORCH_PREFIX = r"(?P<p>(?:.+\.)?)"
-
 GENERIC = Dialect(
     name="generic",
     description="any port: a kxk, a 1xk and a kx1 conv under one parent, told apart by shape "
@@ -145,8 +134,8 @@ DIALECTS: tuple[Dialect, ...] = (
         description="mmcv-style ports: conv_kxk/conv_1xk/conv_kx1, "
         "each a ConvModule with .conv and .bn",
         anchor=TORCH_PREFIX + r"conv_kxk\.conv\.weight",
-        square=_convmodule("conv_kxk"),
-        branches=(_convmodule("conv_1xk"), _convmodule("conv_kx1")),
+        square=conv_bn("conv_kxk"),
+        branches=(conv_bn("conv_1xk"), conv_bn("conv_kx1")),
         fused_weight="{p}fused_conv.weight",
         fused_bias="{p}fused_conv.bias",
         label="{p}",
