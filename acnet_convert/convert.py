@@ -226,8 +226,7 @@ def _fuse_one(
     g = block.geometry
     bias = np.empty(g.out_channels)
     checks: list[BlockCheck] = []
-    eps = block.eps if block.eps is not None else plan.eps
-    for rows, tensors in slabs.slabs(block, eps):
+    for rows, tensors in slabs.slabs(block, block.eps):
         w, b = fuse_block(tensors)
         stored = dtypes.from_float64(w, g.dtype)
         stored_w = dtypes.to_float64(stored, g.dtype)
@@ -300,9 +299,8 @@ def _fuse_blocks(
             kernel = np.empty(oihw.shape, dtypes.numpy_dtype(g.dtype))
             put_rows = kernel.__setitem__
         bias, count, checked = _fuse_one(reader, slabs, plan, block, put_rows, rng)
-        eps = block.eps if block.eps is not None else plan.eps
         weight = to_layout(kernel, layout) if kernel is not None else None
-        values = Layout.encode(block.outputs, weight, bias, eps, g.dtype, count)
+        values = Layout.encode(block.outputs, weight, bias, block.eps, g.dtype, count)
         for key, value in values.items():
             into.put(key, value)
         if checked is not None and not checked.passed:

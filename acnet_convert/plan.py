@@ -111,8 +111,8 @@ class PlannedBlock:
     spec: BlockSpec
     geometry: BlockGeometry
     outputs: tuple[tuple[str, str], ...]  # (output key, role)
+    eps: float  # this block's BN epsilon (its family's default, or --eps)
     alias_of: str | None = None  # label of the block whose fused tensors this one repeats
-    eps: float | None = None  # this block's BN epsilon (its family's default, or --eps)
 
     @property
     def consumed(self) -> tuple[str, ...]:
@@ -366,13 +366,7 @@ def plan_fusion(reader: CheckpointReader, options: FuseOptions) -> FusionPlan:
         dialect=dialect,
         eps=eps,
         blocks=tuple(
-            PlannedBlock(
-                b.spec,
-                b.geometry,
-                tuple((_rename(k, options.renames), r) for k, r in b.outputs),
-                b.alias_of,
-                b.eps,
-            )
+            replace(b, outputs=tuple((_rename(k, options.renames), r) for k, r in b.outputs))
             for b in planned
         ),
         outputs=tuple(renamed),

@@ -152,7 +152,7 @@ def _block_cases(
             block.spec,
             train.tensors,
             train.read,
-            block.eps if block.eps is not None else plan.eps,
+            block.eps,
             plan.source,
             plan.dialect.kernel_order,
             bn_eps=plan.bn_eps,
