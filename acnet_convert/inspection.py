@@ -10,7 +10,7 @@ from typing import Any
 from acnet_convert.checkpoint import TensorInfo, open_checkpoint
 from acnet_convert.errors import ACNetConvertError, NoBlockFound, UnfusableBlockError, UsageError
 from acnet_convert.plan import FuseOptions, FusionPlan, plan_fusion
-from acnet_convert.provenance import found_notes
+from acnet_convert.provenance import extension_notes, found_notes
 
 __all__ = ["Inspection", "inspect_checkpoint"]
 
@@ -119,12 +119,8 @@ def inspect_checkpoint(
             metadata=dict(reader.metadata),
             plan=plan,
             problem=problem,
-            notes=(*_notes(path), *(found_notes(plan, ahead=True) if plan is not None else ())),
+            notes=(
+                *extension_notes(path),
+                *(found_notes(plan, ahead=True) if plan is not None else ()),
+            ),
         )
-
-
-def _notes(path: Path) -> tuple[str, ...]:
-    from acnet_convert.checkpoint.sniff import extension_note, sniff_format
-
-    note = extension_note(path, sniff_format(path))
-    return (note,) if note else ()

@@ -24,6 +24,7 @@ from acnet_convert.plan import FuseOptions, FusionPlan
 
 __all__ = [
     "BackgroundDigest",
+    "extension_notes",
     "found_notes",
     "fuse_metadata",
     "fuse_notes",
@@ -140,7 +141,7 @@ def _dropped_entries(container: Container, fmt: str) -> list[tuple[str, str]]:
     return out
 
 
-def _extension_notes(source: Path) -> tuple[str, ...]:
+def extension_notes(source: Path) -> tuple[str, ...]:
     """The note that the file's extension does not match its content, if so (a 32-byte read)."""
     from acnet_convert.checkpoint.sniff import extension_note, sniff_format
 
@@ -161,7 +162,7 @@ def fuse_notes(
         if k in reader.metadata
     )
     notes += plan_notes(plan)
-    notes += _extension_notes(source)
+    notes += extension_notes(source)
     return notes, tuple(k for k, _ in dropped_entries)
 
 
