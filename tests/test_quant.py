@@ -190,6 +190,16 @@ def test_plot_writes_a_png(name: str, tmp_path: Path, run_cli: CliRun) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["stats.png"]  # no temporary left
 
 
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed (the plot extra)")
+def test_plot_into_a_missing_folder_is_refused_before_any_work(
+    tmp_path: Path, run_cli: CliRun
+) -> None:
+    png = tmp_path / "nowhere" / "int8.png"
+    result = run_cli("inspect", FIXTURES / "cifar_quick.pth", "--plot", png, expect=2)
+    assert "does not exist" in result.stderr and result.stdout == ""
+    assert not png.parent.exists()
+
+
 def test_plot_without_matplotlib_says_how_to_install(
     tmp_path: Path, run_cli: CliRun, monkeypatch: pytest.MonkeyPatch
 ) -> None:

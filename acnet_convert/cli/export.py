@@ -13,7 +13,6 @@ from acnet_convert.cli.app import (
     _EXIT_HELP,
     _emit_json,
     _parse_network,
-    _require_folder,
     _status,
     _stderr,
     cli,
@@ -32,7 +31,7 @@ from acnet_convert.cli.options import (
     tolerance_options,
     trust_option,
 )
-from acnet_convert.cli.render import _escape, _show_result, _write_plot
+from acnet_convert.cli.render import _check_plot, _escape, _show_result, _write_plot
 from acnet_convert.errors import ACNetConvertError, VerificationError
 
 __all__ = ["export"]
@@ -135,15 +134,6 @@ def _json_on_error(checkpoint: Path, output: Path, as_json: bool) -> Iterator[No
                 }
             )
         raise
-
-
-def _check_plot(plot: Path | None) -> None:
-    """Refuse --plot early: without the plot extra, or into a folder that does not exist."""
-    if plot is not None:
-        from acnet_convert.quantplot import require_plot_extra
-
-        require_plot_extra()
-        _require_folder("--plot", plot)
 
 
 def _run_export(

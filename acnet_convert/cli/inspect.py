@@ -19,7 +19,7 @@ from acnet_convert.cli.options import (
     rename_option,
     trust_option,
 )
-from acnet_convert.cli.render import _write_plot
+from acnet_convert.cli.render import _check_plot, _write_plot
 
 __all__ = ["inspect"]
 
@@ -85,10 +85,7 @@ def inspect(
     options = _fuse_options(
         eps, False, layout, dialect, patterns, rename, trust_pickle, fold_bn=fold_bn
     )
-    if plot is not None:
-        from acnet_convert.quantplot import require_plot_extra
-
-        require_plot_extra()
+    _check_plot(plot)
     result = inspect_checkpoint(checkpoint, options, name_filter)
     quant = None
     if (stats or plot is not None) and result.problem is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from acnet_convert.cli.app import _emit_json, _plural, _size, _stderr, _stdout
+from acnet_convert.cli.app import _emit_json, _plural, _require_folder, _size, _stderr, _stdout
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -218,6 +218,15 @@ def _show_result(
 def _print_notes(console: Any, notes: Sequence[str]) -> None:
     for note in notes:
         console.print(f"note: {_escape(note)}")
+
+
+def _check_plot(plot: Path | None) -> None:
+    """Refuse --plot early: without the plot extra, or into a folder that does not exist."""
+    if plot is not None:
+        from acnet_convert.quantplot import require_plot_extra
+
+        require_plot_extra()
+        _require_folder("--plot", plot)
 
 
 def _write_plot(quant: QuantReport, plot: Path, *, quiet: bool) -> None:
