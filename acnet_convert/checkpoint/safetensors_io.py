@@ -9,7 +9,7 @@ then the data buffer.
 We parse it ourselves because the package's numpy API has no bfloat16 and
 because a file from the internet must be checked before anything large is
 allocated: every size and offset in the header is validated against the file's
-real size first, and tensor bytes are then served as views of an mmap.
+real size first, and tensor bytes are then read with ``pread`` into new arrays.
 """
 
 from __future__ import annotations

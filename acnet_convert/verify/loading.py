@@ -37,9 +37,9 @@ def _state_dict(reader: CheckpointReader) -> dict[str, torch.Tensor]:
     """A reader's tensors as torch tensors on the CPU (bfloat16 from its bit patterns)."""
     from acnet_convert.api import tensor_from_stored
 
-    # a copy: readers may hand out views of the file, which must not outlive it
+    # tensor_from_stored copies a read-only view of the file, which must not outlive it
     return {
-        name: tensor_from_stored(np.array(reader.read(name)), info.dtype)
+        name: tensor_from_stored(reader.read(name), info.dtype)
         for name, info in reader.tensors.items()
     }
 
