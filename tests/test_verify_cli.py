@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -184,6 +185,13 @@ def test_user_model(run_cli: CliRun, tmp_path: Path) -> None:
     )  # fmt: skip
     report = json.loads(result.stdout)
     assert report["passed"] and report["mode"] == "model" and report["input_shape"] == [3, 6, 6]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_cli(
+            "verify", tmp_path / "tiny.pth", tmp_path / "tiny_fused.pth",
+            "--model", spec, "--model-arg", "width=5", "--input-shape", "3,6,6", "--quiet",
+        )  # fmt: skip
+    assert not [w for w in caught if "train mode" in str(w.message)]  # its own deploy copy
     wrong = run_cli(
         "verify", tmp_path / "tiny.pth", tmp_path / "tiny_fused.pth",
         "--model", spec, "--input-shape", "3,6,6", expect=3,

@@ -179,7 +179,8 @@ def net_forms(options: VerifyOptions, arch: str | None) -> NetForms:
     else:
 
         def derived() -> nn.Module:
-            net = copy.deepcopy(train_net)
+            # eval: the copy only gives the deploy structure (FUSED's weights load into it)
+            net = copy.deepcopy(train_net).eval()
             report = switch_to_deploy(net)
             if report.count == 0:
                 notes.append(
