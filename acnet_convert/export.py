@@ -33,6 +33,7 @@ from acnet_convert.errors import ACNetConvertError, UsageError
 from acnet_convert.netsummary import NetSummary, summarise_net
 from acnet_convert.quant import DEFAULT_LOSS_THRESHOLD_DB, QuantReport, quant_report
 from acnet_convert.verify.options import DEFAULT_RTOL, VerifyOptions
+from acnet_convert.verify.options import _check_options as check_verify_options
 from acnet_convert.verify.results import CaseResult, _case
 
 if TYPE_CHECKING:
@@ -155,6 +156,7 @@ class _ExportNets:
 
 
 def _verify_options(options: ExportOptions) -> VerifyOptions:
+    """The options verify would be given for the same nets, checks and tolerances."""
     return VerifyOptions(
         arch=options.arch,
         model=options.model,
@@ -162,6 +164,11 @@ def _verify_options(options: ExportOptions) -> VerifyOptions:
         eps=options.eps,
         dialect=options.dialect,
         trust_pickle=options.trust_pickle,
+        input_shape=options.input_shape,
+        batch=options.batch,
+        seed=options.seed,
+        rtol=options.rtol,
+        atol=options.atol,
     )
 
 
@@ -317,25 +324,16 @@ class _Refused(Exception):
         self.result = result
 
 
-def _check_options(options: ExportOptions) -> None:
-    if options.arch and options.model:
-        raise UsageError("--arch and --model both name a network; give one of them")
+def _check_options(options: ExportOptions) -> VerifyOptions:
+    """Verify's checks of the shared options, and export's own need for a network."""
     if not options.arch and not options.model:
         raise UsageError(
             "export builds the deployed net from an architecture: give --arch NAME "
             "(see 'acnet-convert archs') or --model FILE.py:FACTORY"
         )
-    if options.model_args and not options.model:
-        raise UsageError("--model-arg is for --model; give --model path/to/file.py:factory as well")
-    if options.batch < 1:
-        raise UsageError(f"--batch must be at least 1, got {options.batch}")
-    if options.rtol is not None and not options.rtol >= 0:
-        raise UsageError(f"--rtol must be a non-negative number, got {options.rtol}")
-    if not options.atol >= 0:
-        raise UsageError(f"--atol must be a non-negative number, got {options.atol}")
-    shape = options.input_shape
-    if shape is not None and (len(shape) != 3 or min(shape) < 1):
-        raise UsageError(f"--input-shape {shape}: expected C,H,W, three positive integers")
+    verify_options = _verify_options(options)
+    check_verify_options(verify_options)
+    return verify_options
 
 
 def _check_opset(opset: int | None) -> None:
@@ -360,7 +358,7 @@ def export_onnx(ckpt: Path, output: Path, options: ExportOptions = ExportOptions
         ACNetConvertError: the net cannot be exported or the graph not run.
     """
     started = time.perf_counter()
-    _check_options(options)
+    verify_options = _check_options(options)
     refuse_output_path(ckpt, output, options.force)
     from acnet_convert.onnxio import require_export_extra
 
@@ -370,7 +368,7 @@ def export_onnx(ckpt: Path, output: Path, options: ExportOptions = ExportOptions
 
     with open_checkpoint(ckpt, trust_pickle=options.trust_pickle) as reader:
         nets = _build(reader, options, options.arch)
-        rtol_train = _effective_rtol(VerifyOptions(rtol=options.rtol), reader)
+        rtol_train = _effective_rtol(verify_options, reader)
     shape = options.input_shape or nets.forms.default_shape
     if shape is None:
         raise UsageError("--model needs --input-shape C,H,W to make the example and test batches")
