@@ -48,7 +48,6 @@ class BranchGeometry:
     key: str
     kernel: tuple[int, int]
     dilation: int
-    has_bn: bool
     keys: tuple[str, ...]
 
     def as_json(self) -> dict[str, Any]:
@@ -227,7 +226,7 @@ def _branch_shape(c: _Checker, b: BranchSpec, target: tuple[int, ...]) -> tuple[
     """The kernel a branch adds (before the fit check), from its own tensors."""
     if b.kind == "conv" and b.weight is not None:
         shape = c.kernel(b.weight)
-        if len(target) and shape[:2] != target[:2]:
+        if shape[:2] != target[:2]:
             c.fits(b.weight, shape, target, b.dilation)
         return (b.dilation * (shape[2] - 1) + 1, b.dilation * (shape[3] - 1) + 1)
     if b.kind == "seq" and b.weight is not None:
@@ -330,7 +329,7 @@ def block_geometry(
     branches = spec.all_branches
     kernels = [(kh, kw)] + [_branch_shape(c, b, square) for b in spec.branches]
     draft = [
-        BranchGeometry(b.kind, b.role, b.first_key, k, b.dilation, b.bn is not None, b.keys())
+        BranchGeometry(b.kind, b.role, b.first_key, k, b.dilation, b.keys())
         for b, k in zip(branches, kernels, strict=True)
     ]
     geometry = _geometry(spec, infos, square, tuple(draft), None)
