@@ -114,18 +114,23 @@ class SlabSource:
             part = RawBytes(raw.fd, raw.offset + rows.start * row, count * row)
             stored = np.frombuffer(read_range(part), dtype=dtypes.numpy_dtype(info.dtype))
             return stored.reshape((count, *info.shape[1:]))
+        values = self._read_whole(key)
+        return values[..., rows] if kernel and self._order == "HWIO" else values[rows]
+
+    def _read_whole(self, key: str) -> np.ndarray:
+        """The whole tensor, read once per block (a sequential branch's 1x1 conv serves
+        every slab)."""
         if key not in self._whole:
+            info = self._reader.tensors[key]
+            if key not in self._raws:
+                self._raws[key] = self._reader.raw(key)
+            raw = self._raws[key]
             if raw is not None:
                 stored = np.frombuffer(read_range(raw), dtype=dtypes.numpy_dtype(info.dtype))
                 self._whole[key] = stored.reshape(info.shape)
             else:
                 self._whole[key] = self._reader.read(key)
-        values = self._whole[key]
-        return values[..., rows] if kernel and self._order == "HWIO" else values[rows]
-
-    def _read_whole(self, key: str) -> np.ndarray:
-        info = self._reader.tensors[key]
-        return self._rows_of(key, slice(0, info.shape[0] if info.shape else 0))
+        return self._whole[key]
 
 
 class FusedSink(Protocol):
