@@ -38,7 +38,6 @@ from acnet_convert.cli.options import (
 from acnet_convert.cli.render import _escape, _render_archs, _render_verify, _show_result
 from acnet_convert.errors import (
     ACNetConvertError,
-    UnfusableBlockError,
     UsageError,
 )
 
@@ -184,12 +183,8 @@ def _junit_on_error(junit: Path | None, train: Path, fused: Path) -> Iterator[No
 def _run_verify(train: Path, fused: Path, options: VerifyOptions, quiet: bool) -> VerifyResult:
     from acnet_convert.verify import verify_checkpoints
 
-    try:
-        with _status(f"verifying {fused.name} against {train.name}...", quiet=quiet):
-            return verify_checkpoints(train, fused, options)
-    except UnfusableBlockError as error:
-        _raise_if_swapped(train, fused, options.trust_pickle, error)
-        raise
+    with _status(f"verifying {fused.name} against {train.name}...", quiet=quiet):
+        return verify_checkpoints(train, fused, options)
 
 
 def _verified_line(result: VerifyResult, train: Path, fused: Path) -> str:
@@ -202,22 +197,6 @@ def _verified_line(result: VerifyResult, train: Path, fused: Path) -> str:
         f"verified: {_escape(str(fused))} computes what {_escape(str(train))} computes "
         f"({len(checks)} check(s){figure}; rtol {result.rtol:g}, atol {result.atol:g})"
     )
-
-
-def _raise_if_swapped(train: Path, fused: Path, trust_pickle: bool, error: Exception) -> None:
-    """TRAIN has no block but FUSED has: the arguments were given the wrong way round."""
-    from acnet_convert.checkpoint import open_checkpoint
-    from acnet_convert.plan import FuseOptions, plan_fusion
-
-    try:
-        with open_checkpoint(fused, trust_pickle=trust_pickle) as reader:
-            plan_fusion(reader, FuseOptions(trust_pickle=trust_pickle))
-    except ACNetConvertError:
-        return
-    raise UsageError(
-        f"the arguments look swapped: {train} (TRAIN) holds no training-time block but "
-        f"{fused} (FUSED) does; run 'acnet-convert verify {fused} {train}'"
-    ) from error
 
 
 @cli.command(epilog=_EXIT_HELP)

@@ -39,7 +39,8 @@ from pathlib import Path
 
 from acnet_convert import dtypes
 from acnet_convert.checkpoint import CheckpointReader, open_checkpoint
-from acnet_convert.errors import UsageError
+from acnet_convert.errors import ACNetConvertError, UnfusableBlockError, UsageError
+from acnet_convert.plan import FuseOptions, plan_fusion
 from acnet_convert.verify.archs import _choose_arch
 from acnet_convert.verify.blockmode import _verify_blocks
 from acnet_convert.verify.junit import junit_error_xml, junit_xml
@@ -107,11 +108,29 @@ def verify_checkpoints(
                 "Give --arch or --model to check the network on your data"
             )
         rtol = _effective_rtol(options, f_reader)
-        if arch is None and not options.model:
-            return _verify_blocks(t_reader, f_reader, options, rtol, notes, started, device)
-        return _verify_network(
-            t_reader, f_reader, options, rtol, arch, detected, notes, started, device
-        )
+        try:
+            if arch is None and not options.model:
+                return _verify_blocks(t_reader, f_reader, options, rtol, notes, started, device)
+            return _verify_network(
+                t_reader, f_reader, options, rtol, arch, detected, notes, started, device
+            )
+        except UnfusableBlockError as error:
+            _refuse_if_swapped(t_reader, f_reader, options, error)
+            raise
+
+
+def _refuse_if_swapped(
+    train: CheckpointReader, fused: CheckpointReader, options: VerifyOptions, error: Exception
+) -> None:
+    """TRAIN has no block that fuses but FUSED has: the arguments were given the wrong way round."""
+    try:
+        plan_fusion(fused, FuseOptions(trust_pickle=options.trust_pickle))
+    except ACNetConvertError:
+        return
+    raise UsageError(
+        f"the arguments look swapped: {train.path} (TRAIN) holds no training-time block but "
+        f"{fused.path} (FUSED) does; run 'acnet-convert verify {fused.path} {train.path}'"
+    ) from error
 
 
 def _effective_rtol(options: VerifyOptions, fused: CheckpointReader) -> float:
