@@ -97,7 +97,11 @@ def inspect_checkpoint(
         pattern = re.compile(name_filter) if name_filter else None
     except re.error as err:
         raise UsageError(f"--filter '{name_filter}': bad regular expression: {err}") from err
-    with open_checkpoint(path, trust_pickle=options.trust_pickle) as reader:
+    try:
+        opened = open_checkpoint(path, trust_pickle=options.trust_pickle)
+    except ACNetConvertError as err:
+        raise _without_hint(err) from err
+    with opened as reader:
         tensors = tuple(reader.tensors.values())
         plan: FusionPlan | None = None
         problem: ACNetConvertError | None = None
@@ -106,8 +110,7 @@ def inspect_checkpoint(
         except NoBlockFound:
             pass
         except UnfusableBlockError as err:
-            # This is inspect: never send the user back to the command they just ran.
-            problem = UnfusableBlockError(_INSPECT_HINT.sub("", str(err)))
+            problem = _without_hint(err)
         return Inspection(
             path=str(path),
             format=reader.format,
@@ -124,3 +127,9 @@ def inspect_checkpoint(
                 *(found_notes(plan, ahead=True) if plan is not None else ()),
             ),
         )
+
+
+def _without_hint(err: ACNetConvertError) -> ACNetConvertError:
+    """The same error without "Try 'acnet-convert inspect'": this is inspect, and never
+    sends the user back to the command they just ran."""
+    return type(err)(_INSPECT_HINT.sub("", str(err)))

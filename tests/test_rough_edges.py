@@ -46,6 +46,17 @@ def test_fused_output_inspects_cleanly_in_every_dialect(
     assert doc["blocks"] == [] and doc["problem"] is None
 
 
+def test_inspect_of_an_unreadable_file_does_not_point_back_to_inspect(
+    run_cli: CliRun, tmp_path: Path
+) -> None:
+    src = tmp_path / "notensors.pth"
+    torch.save({"epoch": 3, "name": "x"}, src)
+    shown = run_cli("inspect", src, expect=3)
+    assert "no tensors" in shown.stderr and "acnet-convert inspect" not in shown.stderr
+    fused = run_cli("fuse", src, tmp_path / "o.pth", expect=3)
+    assert "Try 'acnet-convert inspect'" in fused.stderr  # other commands keep the hint
+
+
 def test_inspect_never_sends_the_user_back_to_inspect(run_cli: CliRun, tmp_path: Path) -> None:
     sd = small_state()
     del sd["layer1.conv1.acb.ver_bn.running_var"]
