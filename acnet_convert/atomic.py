@@ -16,9 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-from acnet_convert.errors import UsageError
-
-__all__ = ["atomic_output", "refuse_output_path", "terminate_as_interrupt"]
+__all__ = ["atomic_output", "terminate_as_interrupt"]
 
 
 def _fsync_path(path: Path) -> None:
@@ -77,19 +75,3 @@ def terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def refuse_output_path(source: Path, output: Path, force: bool) -> None:
-    """Refuse an output that is the source, a folder, in a missing folder, or exists without force.
-
-    Raises:
-        UsageError: naming the output and what to do instead.
-    """
-    if output.exists() and source.exists() and output.resolve() == source.resolve():
-        raise UsageError(f"{output}: the output would overwrite the input; choose another path")
-    if output.is_dir():
-        raise UsageError(f"{output}: is a folder; give a file name for the output")
-    if output.exists() and not force:
-        raise UsageError(f"{output}: exists already; pass --force to replace it")
-    if not output.parent.is_dir():
-        raise UsageError(f"{output}: the folder '{output.parent}' does not exist")

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from acnet_convert import dtypes, readback
-from acnet_convert.atomic import atomic_output, refuse_output_path
+from acnet_convert.atomic import atomic_output
 from acnet_convert.blockcheck import BlockCheck, check_block
 from acnet_convert.blocks import BranchGeometry, to_layout
 from acnet_convert.checkpoint import (
@@ -41,6 +41,7 @@ from acnet_convert.checkpoint import (
 from acnet_convert.errors import UnfusableBlockError, VerificationError
 from acnet_convert.fusion import fuse_block
 from acnet_convert.layouts import Layout
+from acnet_convert.outputs import check_output
 from acnet_convert.plan import (
     LAYOUTS,
     FuseOptions,
@@ -377,7 +378,7 @@ def fuse_checkpoint(
             nothing is written.
     """
     started = time.perf_counter()
-    refuse_output_path(source, output, force)
+    check_output(source, output, force=force)
     with (
         open_checkpoint(source, trust_pickle=options.trust_pickle) as reader,
         closing(ScratchSink(output.parent)) as scratch,

@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from acnet_convert.atomic import atomic_output, refuse_output_path
+from acnet_convert.atomic import atomic_output
 from acnet_convert.checkpoint import CheckpointReader, open_checkpoint
 from acnet_convert.errors import ACNetConvertError, UsageError
 from acnet_convert.netsummary import NetSummary, summarise_net
+from acnet_convert.outputs import check_output
 from acnet_convert.quant import DEFAULT_LOSS_THRESHOLD_DB, QuantReport, quant_report
 from acnet_convert.verify.options import DEFAULT_RTOL, VerifyOptions
 from acnet_convert.verify.options import _check_options as check_verify_options
@@ -359,7 +360,7 @@ def export_onnx(ckpt: Path, output: Path, options: ExportOptions = ExportOptions
     """
     started = time.perf_counter()
     verify_options = _check_options(options)
-    refuse_output_path(ckpt, output, options.force)
+    check_output(ckpt, output, force=options.force)
     from acnet_convert.onnxio import require_export_extra
 
     require_export_extra()

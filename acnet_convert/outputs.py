@@ -1,7 +1,8 @@
 """Checking where an output may go before any work is done, and naming write failures.
 
-Library code, no click: :func:`prepare_output` refuses what cannot work (stdout,
-a folder, a special file, the input itself) and creates missing parent folders;
+Library code, no click: :func:`check_output` refuses what cannot work (stdout,
+a folder, a special file, the input itself), :func:`prepare_output` also creates
+missing parent folders;
 :func:`describe_os_error` turns an ``OSError`` met while writing into one line
 with the exit code the CLI uses.
 """
@@ -15,7 +16,13 @@ from pathlib import Path
 
 from acnet_convert.errors import EXIT_UNUSABLE, EXIT_USAGE, OutputError, UsageError
 
-__all__ = ["OUTPUT_ERRNOS", "describe_os_error", "prepare_output", "remove_created"]
+__all__ = [
+    "OUTPUT_ERRNOS",
+    "check_output",
+    "describe_os_error",
+    "prepare_output",
+    "remove_created",
+]
 
 # Write failures that are about the destination (exit 2: choose another place).
 OUTPUT_ERRNOS = frozenset(
@@ -35,19 +42,17 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def prepare_output(source: Path, output: Path, *, force: bool) -> list[Path]:
-    """Refuse an output path that cannot work; create its missing parent folders.
+def check_output(
+    source: Path, output: Path, *, force: bool, create_parents: bool = False, folder_hint: str = ""
+) -> None:
+    """Refuse an output path that cannot work, before any work is done.
 
-    Returns the folders created (outermost first), so a caller can remove
-    them again when the conversion fails.
+    ``create_parents``: missing parent folders will be made (else they are refused);
+    ``folder_hint`` ends the message for an OUT that is a folder.
 
     Raises:
-        UsageError: OUT is ``-``, a folder, the input, exists without
-            ``force``, or is (a link to) a special file.
-        OutputError: the folder cannot be created or written.
-
-    >>> prepare_output(Path("train.pth"), Path("deploy/model.pth"), force=False)  # doctest: +SKIP
-    [PosixPath('deploy')]
+        UsageError: OUT is ``-``, a folder, the input, exists without ``force``, is
+            (a link to) a special file, or lies in a missing folder.
     """
     if str(output) == "-":
         raise UsageError(
@@ -56,10 +61,7 @@ def prepare_output(source: Path, output: Path, *, force: bool) -> list[Path]:
             "on stdout)"
         )
     if output.is_dir():
-        raise UsageError(
-            f"{output}: is a directory; give a file name for OUT, or fuse into that folder "
-            f"with --out-dir {output}"
-        )
+        raise UsageError(f"{output}: is a directory; give a file name for OUT{folder_hint}")
     if os.path.lexists(output):
         if source.exists() and output.resolve() == source.resolve():
             raise UsageError(f"{output}: the output would overwrite the input; choose another path")
@@ -73,6 +75,30 @@ def prepare_output(source: Path, output: Path, *, force: bool) -> list[Path]:
             raise UsageError(
                 f"{output}: is {_kind(mode)}; --force replaces only regular files, give a file name"
             )
+    if not create_parents and not output.parent.is_dir():
+        raise UsageError(f"{output}: the folder '{output.parent}' does not exist")
+
+
+def prepare_output(source: Path, output: Path, *, force: bool) -> list[Path]:
+    """:func:`check_output`, then create OUT's missing parent folders.
+
+    Returns the folders created (outermost first), so a caller can remove
+    them again when the conversion fails.
+
+    Raises:
+        UsageError: as :func:`check_output`.
+        OutputError: the folder cannot be created or written.
+
+    >>> prepare_output(Path("train.pth"), Path("deploy/model.pth"), force=False)  # doctest: +SKIP
+    [PosixPath('deploy')]
+    """
+    check_output(
+        source,
+        output,
+        force=force,
+        create_parents=True,
+        folder_hint=f", or fuse into that folder with --out-dir {output}",
+    )
     return _make_parents(output)
 
 

@@ -5,6 +5,7 @@ one line and no OUT."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -388,6 +389,20 @@ def test_corrupt_input(trained: dict[str, Path], tmp_path: Path, run_cli: CliRun
     document = json.loads(result.stdout)
     assert document["schema"] == 1 and document["exit_code"] == 3 and not document["written"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.pth"]
+
+
+def test_output_that_cannot_work_is_refused_before_any_work(
+    trained: dict[str, Path], tmp_path: Path, run_cli: CliRun
+) -> None:
+    # the same check as fuse's: stdout, and special files even with --force
+    src = trained["cfqkbnc"]
+    result = run_cli("export", src, "-", "--arch", "cfqkbnc", expect=2)
+    _assert_one_line_error(result, "stdout")
+    if hasattr(os, "mkfifo"):
+        fifo = tmp_path / "pipe.onnx"
+        os.mkfifo(fifo)
+        result = run_cli("export", src, fifo, "--arch", "cfqkbnc", "--force", expect=2)
+        _assert_one_line_error(result, "FIFO", "regular files")
 
 
 def test_existing_output_needs_force(
