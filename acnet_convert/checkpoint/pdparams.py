@@ -30,7 +30,15 @@ import numpy as np
 from acnet_convert import dtypes
 from acnet_convert.errors import ACNetConvertError, BadCheckpointError
 
-from .base import CheckpointReader, Container, RawBytes, TensorInfo, check_produced, open_regular
+from .base import (
+    CheckpointReader,
+    Container,
+    RawBytes,
+    TensorInfo,
+    check_produced,
+    check_raw,
+    open_regular,
+)
 from .pth.unpickler import RestrictedUnpickler, _Global
 
 __all__ = ["PdparamsReader", "PdparamsUnpickler", "write_pdparams"]
@@ -229,6 +237,7 @@ def write_pdparams(
         if isinstance(value, RawBytes):
             from .rawio import read_range
 
+            check_raw(info, value)
             value = np.frombuffer(read_range(value), dtype=dtypes.numpy_dtype(info.dtype))
             value = value.reshape(info.shape)
         out[info.name] = np.array(check_produced(info, value))

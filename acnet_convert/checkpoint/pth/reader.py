@@ -37,6 +37,7 @@ from acnet_convert import dtypes
 from acnet_convert.errors import ACNetConvertError, BadCheckpointError, UnsafeCheckpointError
 
 from ..base import (
+    MAX_TENSOR_BYTES,
     CheckpointReader,
     RawBytes,
     TensorInfo,
@@ -92,10 +93,6 @@ def _int_tuple(value: Any) -> tuple[int, ...] | None:
     return None
 
 
-# Sizes, strides and offsets stay far below what int64 index arithmetic can hold.
-_HUGE = 2**62
-
-
 def pickle_limit(file_size: int) -> int:
     """The most bytes a (compressed) data.pkl may inflate to: as for compressed HDF5 data."""
     return 16 * file_size + 2**20
@@ -125,7 +122,8 @@ def _check_layout(
 ) -> None:
     """Refuse sizes that overflow, views that run past their storage, and overlapping views."""
     check_shape(where, shape, itemsize)
-    if any(s >= _HUGE for s in stride) or offset >= _HUGE:
+    # sizes, strides and offsets stay far below what int64 index arithmetic can hold
+    if any(s >= MAX_TENSOR_BYTES for s in stride) or offset >= MAX_TENSOR_BYTES:
         raise BadCheckpointError(
             f"{where}: size {shape} with stride {stride} is impossibly large; the file is corrupt"
         )
