@@ -291,13 +291,26 @@ def _parts(spec: BlockSpec, order: Sequence[int]) -> list[str | None]:
     return [*small, *last, *large]
 
 
-def _is_alias(block: BlockSpec, primary: BlockSpec, same: SameTensor) -> bool:
+@dataclass(frozen=True)
+class _Primary:
+    """A block others may alias, with what every comparison needs worked out once."""
+
+    spec: BlockSpec
+    keys: frozenset[str]
+    parts: list[str | None]
+
+    @classmethod
+    def of(cls, spec: BlockSpec) -> _Primary:
+        return cls(spec, frozenset(spec.keys()), _parts(spec, range(len(spec.branches))))
+
+
+def _is_alias(block: BlockSpec, primary: _Primary, same: SameTensor) -> bool:
     """Do the two blocks hold bit-identical tensors in every part, under disjoint keys?"""
-    if set(block.keys()) & set(primary.keys()):
+    if len(block.branches) != len(primary.spec.branches):
         return False
-    if len(block.branches) != len(primary.branches):
+    if not primary.keys.isdisjoint(block.keys()):
         return False
-    want = _parts(primary, range(len(primary.branches)))
+    want = primary.parts
     # ACNet's two 1-D branches may be named in either order (roles are settled by shape)
     orders = [list(range(len(block.branches)))]
     if len(block.branches) == 2:
@@ -318,20 +331,26 @@ def _with_aliases(
     same: SameTensor | None,
 ) -> Detection | None:
     """``dialect``'s blocks with their aliases settled; None when ``others`` are not all aliases."""
-    primaries: list[BlockSpec] = []
+    primaries: list[_Primary] = []
     aliases: list[Alias] = []
+
+    def primary_of(block: BlockSpec) -> _Primary | None:
+        if same is None:
+            return None
+        return next((p for p in primaries if _is_alias(block, p, same)), None)
+
     for block in blocks:
-        primary = next((p for p in primaries if same and _is_alias(block, p, same)), None)
+        primary = primary_of(block)
         if primary is None:
-            primaries.append(block)
+            primaries.append(_Primary.of(block))
         else:
-            aliases.append(Alias(block, primary, copy=True))
+            aliases.append(Alias(block, primary.spec, copy=True))
     for _, other_blocks in others:
         for block in other_blocks:
-            primary = next((p for p in primaries if same and _is_alias(block, p, same)), None)
+            primary = primary_of(block)
             if primary is None:
                 return None
-            aliases.append(Alias(block, primary, copy=False))
+            aliases.append(Alias(block, primary.spec, copy=False))
     return Detection(dialect, tuple(blocks), tuple(aliases), (dialect,))
 
 
